@@ -1,0 +1,607 @@
+//! The transport-free core: channels, history, retained values, fan-out.
+//!
+//! `hub` does no I/O and never awaits while holding a lock. Transports
+//! (`http::sse`, `http::ws`) give each connection an [`Outbox`] and
+//! register it on channels; publishers call [`Hub::publish`], which pushes
+//! the shared event into each subscriber's outbox without waiting.
+//!
+//! Locking: the channel map is sharded (`DashMap`); each channel has its own
+//! mutex, held while an id is assigned, history is appended and the event
+//! is pushed to that channel's subscribers, so a channel's subscribers see
+//! its events in id order. There is no global lock on the publish path.
+//! Lock order is always map shard, then channel, then outbox.
+
+mod event;
+mod id;
+mod name;
+mod outbox;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use slab::Slab;
+use tokio::time::Instant;
+
+pub use event::{Data, Event, Reset, SharedEvent, compact_json, sse_frame};
+pub use id::{EventId, IdGen, InvalidEventId};
+pub use name::{ChannelName, ClientId, EventName, InvalidName};
+pub use outbox::{Batch, Closed, Item, Outbox, Pushed};
+
+/// Errors from hub operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A subscriber asked for a client id that is already connected.
+    #[error("client id {client} is already connected to channel {channel}")]
+    ClientIdTaken {
+        /// The channel.
+        channel: ChannelName,
+        /// The id.
+        client: ClientId,
+    },
+    /// A targeted publish named a client that is not connected.
+    #[error("client {client} is not connected to channel {channel}")]
+    NoSuchClient {
+        /// The channel.
+        channel: ChannelName,
+        /// The id.
+        client: ClientId,
+    },
+}
+
+/// Result alias for hub operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Limits of the hub.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Events kept per channel for resume.
+    pub history_size: usize,
+    /// How long an event stays in history.
+    pub history_ttl: Duration,
+    /// Bytes a connection may have queued before it is cut off as slow.
+    pub max_queued_bytes: usize,
+}
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The payload.
+    pub data: Data,
+    /// The event name (`None` = `message`).
+    pub event: Option<EventName>,
+    /// The publisher's idempotency key.
+    pub key: Option<String>,
+    /// Reconnection delay for clients, in milliseconds.
+    pub retry: Option<u64>,
+    /// Keep as the channel's current value.
+    pub retain: bool,
+}
+
+/// The outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The event's id (the first event's, for a duplicate).
+    pub id: EventId,
+    /// True if the idempotency key had been seen: nothing was delivered.
+    pub duplicate: bool,
+}
+
+/// Where a subscriber starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// A new subscriber: the retained value (if any), then live events.
+    Fresh,
+    /// Everything retained after this id, then live events.
+    After(EventId),
+    /// An id the hub cannot read: reset, replay all, then live.
+    Unknown(String),
+}
+
+impl Resume {
+    /// Reads a `Last-Event-ID` value (`None` or empty = fresh).
+    pub fn parse(last_event_id: Option<&str>) -> Self {
+        match last_event_id.map(str::trim) {
+            None | Some("") => Self::Fresh,
+            Some(s) => s
+                .parse()
+                .map_or_else(|_| Self::Unknown(s.to_owned()), Self::After),
+        }
+    }
+}
+
+/// The hub. Share it as `Arc<Hub>`.
+#[derive(Debug)]
+pub struct Hub {
+    channels: DashMap<ChannelName, Arc<Channel>>,
+    ids: IdGen,
+    config: Config,
+    /// The newest id that may have been lost with a freed channel; a channel
+    /// created later starts from it, so resume never skips a gap silently.
+    freed_watermark: AtomicU64,
+    connections: AtomicU64,
+    slow_disconnects: AtomicU64,
+    published: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Channel {
+    name: ChannelName,
+    state: Mutex<ChannelState>,
+}
+
+#[derive(Debug)]
+struct ChannelState {
+    history: VecDeque<SharedEvent>,
+    /// The newest event id dropped from history (0 = none): a subscriber
+    /// resuming from before it has a gap.
+    lost_upto: EventId,
+    retained: Option<SharedEvent>,
+    subscribers: Slab<Sub>,
+    clients: HashMap<ClientId, usize>,
+    keys: HashMap<String, EventId>,
+    removed: bool,
+}
+
+#[derive(Debug)]
+struct Sub {
+    outbox: Arc<Outbox>,
+    client: ClientId,
+}
+
+impl ChannelState {
+    fn is_idle(&self) -> bool {
+        self.subscribers.is_empty() && self.history.is_empty() && self.retained.is_none()
+    }
+
+    fn evict_front(&mut self) {
+        if let Some(ev) = self.history.pop_front() {
+            self.lost_upto = self.lost_upto.max(ev.id);
+            if let Some(k) = &ev.key {
+                if self.keys.get(k) == Some(&ev.id) {
+                    self.keys.remove(k);
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .history
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.published_at) >= ttl)
+        {
+            self.evict_front();
+        }
+        if self.history.is_empty() && self.history.capacity() > 0 {
+            self.history = VecDeque::new();
+            self.keys = HashMap::new();
+        }
+    }
+
+    /// Everything retained, for a reset: the retained value first unless
+    /// history holds it, then history.
+    /// With `seen`, the retained value is left out if the client had it.
+    fn everything(&self, seen: Option<EventId>) -> Vec<Item> {
+        let mut items = Vec::with_capacity(self.history.len() + 1);
+        if let Some(r) = &self.retained {
+            let in_history = self.history.front().is_some_and(|f| r.id >= f.id);
+            if !in_history && seen.is_none_or(|s| r.id > s) {
+                items.push(Item::Event(r.clone()));
+            }
+        }
+        items.extend(self.history.iter().cloned().map(Item::Event));
+        items
+    }
+}
+
+/// A live registration of an outbox on a channel. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    channel: Arc<Channel>,
+    key: usize,
+}
+
+impl Subscription {
+    /// The channel subscribed to.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel.name
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let idle = {
+            let mut st = self.channel.state.lock();
+            if let Some(sub) = st.subscribers.try_remove(self.key) {
+                if st.clients.get(&sub.client) == Some(&self.key) {
+                    st.clients.remove(&sub.client);
+                }
+            }
+            if st.subscribers.is_empty() && st.subscribers.capacity() > 16 {
+                st.subscribers.shrink_to_fit();
+                st.clients.shrink_to_fit();
+            }
+            st.is_idle()
+        };
+        if idle {
+            self.hub.maybe_free(&self.channel);
+        }
+    }
+}
+
+/// Counts a connection for `/status` while it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Hub>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Open subscriber connections (SSE and WebSocket).
+    pub connections: u64,
+    /// Connections closed because they fell too far behind.
+    pub slow_consumers_disconnected: u64,
+    /// Events accepted since start.
+    pub events_published: u64,
+    /// Per channel.
+    pub channels: BTreeMap<String, ChannelStatus>,
+}
+
+/// One channel in [`Status`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelStatus {
+    /// Subscribers connected.
+    pub subscribers: usize,
+    /// Events in history.
+    pub history: usize,
+    /// Whether a retained value is kept.
+    pub retained: bool,
+}
+
+impl Hub {
+    /// A hub with these limits.
+    pub fn new(config: Config) -> Arc<Self> {
+        Self::with_ids(config, IdGen::new())
+    }
+
+    /// A hub with a given id generator (for tests).
+    pub fn with_ids(config: Config, ids: IdGen) -> Arc<Self> {
+        Arc::new(Self {
+            channels: DashMap::new(),
+            ids,
+            config,
+            freed_watermark: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            slow_disconnects: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+        })
+    }
+
+    /// The hub's limits.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A new outbox with the configured limit.
+    pub fn outbox(&self) -> Arc<Outbox> {
+        Outbox::new(self.config.max_queued_bytes)
+    }
+
+    /// Counts a connection until the guard is dropped.
+    pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    /// Runs `f` on the channel's locked state, creating the channel if
+    /// needed and retrying if it was freed meanwhile.
+    fn with_channel<R>(
+        &self,
+        name: &ChannelName,
+        f: impl FnOnce(&Arc<Channel>, &mut ChannelState) -> R,
+    ) -> (R, Arc<Channel>, bool) {
+        loop {
+            let existing = self.channels.get(name).map(|c| c.value().clone());
+            let ch = existing.unwrap_or_else(|| {
+                self.channels
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        Arc::new(Channel {
+                            name: name.clone(),
+                            state: Mutex::new(ChannelState {
+                                history: VecDeque::new(),
+                                lost_upto: EventId::from_u64(
+                                    self.freed_watermark.load(Ordering::Acquire),
+                                ),
+                                retained: None,
+                                subscribers: Slab::new(),
+                                clients: HashMap::new(),
+                                keys: HashMap::new(),
+                                removed: false,
+                            }),
+                        })
+                    })
+                    .clone()
+            });
+            let mut st = ch.state.lock();
+            if st.removed {
+                continue;
+            }
+            let r = f(&ch, &mut st);
+            let idle = st.is_idle();
+            drop(st);
+            return (r, ch, idle);
+        }
+    }
+
+    /// Removes the channel from the map if it is still idle.
+    fn maybe_free(&self, ch: &Arc<Channel>) {
+        self.channels.remove_if(&ch.name, |_, cur| {
+            if !Arc::ptr_eq(cur, ch) {
+                return false;
+            }
+            let mut st = cur.state.lock();
+            if !st.is_idle() {
+                return false;
+            }
+            st.removed = true;
+            self.freed_watermark
+                .fetch_max(st.lost_upto.as_u64(), Ordering::AcqRel);
+            true
+        });
+    }
+
+    /// Publishes to one channel: assigns an id, keeps it in history (and as
+    /// the retained value if asked), and queues it for every subscriber.
+    pub fn publish(&self, channel: &ChannelName, p: Publish) -> Published {
+        let now = Instant::now();
+        let (published, ch, idle) = self.with_channel(channel, |_, st| {
+            if let Some(id) = p.key.as_ref().and_then(|k| st.keys.get(k)) {
+                return Published {
+                    id: *id,
+                    duplicate: true,
+                };
+            }
+            st.expire(now, self.config.history_ttl);
+            let id = self.ids.next();
+            let ev = Arc::new(Event::new(
+                id,
+                channel.clone(),
+                p.event,
+                p.data,
+                p.retry,
+                p.key,
+            ));
+            self.fan_out(st.subscribers.iter().map(|(_, s)| &s.outbox), &ev);
+            if p.retain {
+                st.retained = Some(ev.clone());
+            }
+            if self.config.history_size == 0 {
+                st.lost_upto = id;
+            } else {
+                if let Some(k) = &ev.key {
+                    st.keys.insert(k.clone(), id);
+                }
+                st.history.push_back(ev);
+                while st.history.len() > self.config.history_size {
+                    st.evict_front();
+                }
+            }
+            Published {
+                id,
+                duplicate: false,
+            }
+        });
+        if !published.duplicate {
+            self.published.fetch_add(1, Ordering::Relaxed);
+        }
+        if idle {
+            self.maybe_free(&ch);
+        }
+        published
+    }
+
+    fn fan_out<'a>(&self, outboxes: impl Iterator<Item = &'a Arc<Outbox>>, ev: &SharedEvent) {
+        let cost = ev.cost();
+        let mut slow = 0;
+        for outbox in outboxes {
+            if outbox.push(Item::Event(ev.clone()), cost) == Pushed::Overflowed {
+                slow += 1;
+            }
+        }
+        if slow > 0 {
+            self.slow_disconnects.fetch_add(slow, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes to every channel that has subscribers; one event (and id)
+    /// per channel. Returns the channels and ids, in name order.
+    pub fn publish_all(&self, p: &Publish) -> Vec<(ChannelName, Published)> {
+        let mut names: Vec<ChannelName> = self
+            .channels
+            .iter()
+            .filter(|e| !e.value().state.lock().subscribers.is_empty())
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let published = self.publish(&name, p.clone());
+                (name, published)
+            })
+            .collect()
+    }
+
+    /// Publishes to one connected client of a channel only. The event gets
+    /// an id but is neither kept in history nor retained.
+    pub fn publish_to_client(
+        &self,
+        channel: &ChannelName,
+        client: &ClientId,
+        p: Publish,
+    ) -> Result<Published> {
+        let not_found = || Error::NoSuchClient {
+            channel: channel.clone(),
+            client: client.clone(),
+        };
+        let ch = self
+            .channels
+            .get(channel)
+            .map(|c| c.value().clone())
+            .ok_or_else(not_found)?;
+        let st = ch.state.lock();
+        let sub = st
+            .clients
+            .get(client)
+            .and_then(|k| st.subscribers.get(*k))
+            .ok_or_else(not_found)?;
+        let id = self.ids.next();
+        let ev = Arc::new(Event::new(id, channel.clone(), p.event, p.data, p.retry, None));
+        self.fan_out(std::iter::once(&sub.outbox), &ev);
+        self.published.fetch_add(1, Ordering::Relaxed);
+        Ok(Published {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// Registers `outbox` on `channel` as `client`, queueing first what
+    /// `from` asks for. Registration and replay happen under the channel
+    /// lock, so no event falls between replay and live delivery.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        client: &ClientId,
+        outbox: &Arc<Outbox>,
+        from: &Resume,
+    ) -> Result<Subscription> {
+        let now = Instant::now();
+        let (key, ch, _) = self.with_channel(channel, |_, st| {
+            if st.clients.contains_key(client) {
+                return Err(Error::ClientIdTaken {
+                    channel: channel.clone(),
+                    client: client.clone(),
+                });
+            }
+            st.expire(now, self.config.history_ttl);
+            let replay = match from {
+                Resume::Fresh => st.retained.iter().cloned().map(Item::Event).collect(),
+                Resume::After(after) => {
+                    if *after < self.ids.boot() || *after > self.ids.last() {
+                        self.reset(st, channel, None, "the event id is unknown to this hub")
+                    } else if st.lost_upto > *after {
+                        let reason = "events after this id are no longer retained";
+                        self.reset(st, channel, Some(*after), reason)
+                    } else {
+                        let start = st.history.partition_point(|e| e.id <= *after);
+                        st.history.range(start..).cloned().map(Item::Event).collect()
+                    }
+                }
+                Resume::Unknown(_) => {
+                    self.reset(st, channel, None, "the event id is not one herald issued")
+                }
+            };
+            outbox.push_replay(replay);
+            let key = st.subscribers.insert(Sub {
+                outbox: outbox.clone(),
+                client: client.clone(),
+            });
+            st.clients.insert(client.clone(), key);
+            Ok(key)
+        });
+        let key = key?;
+        Ok(Subscription {
+            hub: self.clone(),
+            channel: ch,
+            key,
+        })
+    }
+
+    fn reset(
+        &self,
+        st: &ChannelState,
+        channel: &ChannelName,
+        seen: Option<EventId>,
+        reason: &str,
+    ) -> Vec<Item> {
+        let mut items = vec![Item::Reset(Arc::new(Reset {
+            channel: channel.clone(),
+            reason: reason.to_owned(),
+        }))];
+        items.extend(st.everything(seen));
+        items
+    }
+
+    /// Expires old history and frees idle channels. Run it periodically.
+    /// Returns how many channels remain.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let ttl = self.config.history_ttl;
+        let idle: Vec<Arc<Channel>> = self
+            .channels
+            .iter()
+            .filter_map(|e| {
+                let mut st = e.value().state.lock();
+                st.expire(now, ttl);
+                st.is_idle().then(|| e.value().clone())
+            })
+            .collect();
+        for ch in &idle {
+            self.maybe_free(ch);
+        }
+        let len = self.channels.len();
+        if self.channels.capacity() > 4 * len + 1024 {
+            self.channels.shrink_to_fit();
+        }
+        len
+    }
+
+    /// How many channels exist.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of the hub for `/status`.
+    pub fn status(&self) -> Status {
+        let channels = self
+            .channels
+            .iter()
+            .map(|e| {
+                let st = e.value().state.lock();
+                (
+                    e.key().to_string(),
+                    ChannelStatus {
+                        subscribers: st.subscribers.len(),
+                        history: st.history.len(),
+                        retained: st.retained.is_some(),
+                    },
+                )
+            })
+            .collect();
+        Status {
+            connections: self.connections.load(Ordering::Relaxed),
+            slow_consumers_disconnected: self.slow_disconnects.load(Ordering::Relaxed),
+            events_published: self.published.load(Ordering::Relaxed),
+            channels,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,301 @@
+use super::*;
+
+fn cfg(history_size: usize) -> Config {
+    Config {
+        history_size,
+        history_ttl: Duration::from_secs(600),
+        max_queued_bytes: 1 << 20,
+    }
+}
+
+fn ch(s: &str) -> ChannelName {
+    ChannelName::parse(s).unwrap()
+}
+
+fn text(s: &str) -> Publish {
+    Publish {
+        data: Data::Text(s.into()),
+        event: None,
+        key: None,
+        retry: None,
+        retain: false,
+    }
+}
+
+/// What an outbox holds, as "data" strings and "reset:<channel>".
+fn drain(o: &Outbox) -> Vec<String> {
+    match o.try_batch() {
+        None => vec![],
+        Some(Batch::Closed(c)) => vec![format!("closed:{c:?}")],
+        Some(Batch::Items(items)) => items
+            .into_iter()
+            .map(|i| match i {
+                Item::Event(e) => e.data.as_text().to_owned(),
+                Item::Reset(r) => format!("reset:{}", r.channel),
+            })
+            .collect(),
+    }
+}
+
+fn sub(hub: &Arc<Hub>, c: &str, from: &Resume) -> (Arc<Outbox>, Subscription) {
+    let o = hub.outbox();
+    let s = hub.subscribe(&ch(c), &ClientId::generate(), &o, from).unwrap();
+    (o, s)
+}
+
+#[test]
+fn subscribers_receive_events_of_their_channel_only() {
+    let hub = Hub::new(cfg(10));
+    let (a, _sa) = sub(&hub, "a", &Resume::Fresh);
+    let (b, _sb) = sub(&hub, "b", &Resume::Fresh);
+    hub.publish(&ch("a"), text("1"));
+    assert_eq!(drain(&a), ["1"]);
+    assert!(drain(&b).is_empty());
+}
+
+#[test]
+fn resume_replays_strictly_after_the_id_then_goes_live() {
+    let hub = Hub::new(cfg(10));
+    let ids: Vec<_> = (0..5).map(|i| hub.publish(&ch("a"), text(&i.to_string())).id).collect();
+    let (o, _s) = sub(&hub, "a", &Resume::After(ids[1]));
+    hub.publish(&ch("a"), text("5"));
+    assert_eq!(drain(&o), ["2", "3", "4", "5"]);
+}
+
+#[test]
+fn one_id_resumes_every_channel_of_a_stream() {
+    let hub = Hub::new(cfg(10));
+    hub.publish(&ch("a"), text("a1"));
+    let mid = hub.publish(&ch("b"), text("b1")).id;
+    hub.publish(&ch("a"), text("a2"));
+    hub.publish(&ch("b"), text("b2"));
+    let (oa, _s1) = sub(&hub, "a", &Resume::After(mid));
+    let (ob, _s2) = sub(&hub, "b", &Resume::After(mid));
+    assert_eq!(drain(&oa), ["a2"]);
+    assert_eq!(drain(&ob), ["b2"]);
+}
+
+#[test]
+fn an_id_older_than_history_resets_then_replays_everything() {
+    let hub = Hub::new(cfg(3));
+    let first = hub.publish(&ch("a"), text("0")).id;
+    for i in 1..5 {
+        hub.publish(&ch("a"), text(&i.to_string()));
+    }
+    let (o, _s) = sub(&hub, "a", &Resume::After(first));
+    assert_eq!(drain(&o), ["reset:a", "2", "3", "4"]);
+}
+
+#[test]
+fn an_id_at_the_edge_of_history_needs_no_reset() {
+    let hub = Hub::new(cfg(3));
+    let ids: Vec<_> = (0..5).map(|i| hub.publish(&ch("a"), text(&i.to_string())).id).collect();
+    // 0 and 1 were evicted; a client that saw 1 has missed nothing.
+    let (o, _s) = sub(&hub, "a", &Resume::After(ids[1]));
+    assert_eq!(drain(&o), ["2", "3", "4"]);
+}
+
+#[test]
+fn unknown_and_foreign_ids_reset() {
+    let hub = Hub::with_ids(cfg(10), IdGen::starting_at(1_000_000));
+    hub.publish(&ch("a"), text("x"));
+    for from in [
+        Resume::Unknown("abc".into()),
+        Resume::After(EventId::from_u64(5)),            // before this hub
+        Resume::After(EventId::from_u64(u64::MAX / 2)), // from the future
+    ] {
+        let (o, _s) = sub(&hub, "a", &from);
+        assert_eq!(drain(&o), ["reset:a", "x"], "{from:?}");
+    }
+}
+
+#[test]
+fn retained_value_goes_first_to_new_subscribers_only() {
+    let hub = Hub::new(cfg(10));
+    let mut p = text("v1");
+    p.retain = true;
+    let id = hub.publish(&ch("a"), p).id;
+    hub.publish(&ch("a"), text("other"));
+    let (o, _s) = sub(&hub, "a", &Resume::Fresh);
+    assert_eq!(drain(&o), ["v1"]);
+    let (o, _s) = sub(&hub, "a", &Resume::After(id));
+    assert_eq!(drain(&o), ["other"]);
+}
+
+#[test]
+fn retained_value_survives_history_and_comes_with_a_reset() {
+    let hub = Hub::new(cfg(2));
+    let mut p = text("v1");
+    p.retain = true;
+    let first = hub.publish(&ch("a"), p).id;
+    for i in 0..3 {
+        hub.publish(&ch("a"), text(&i.to_string()));
+    }
+    let (o, _s) = sub(&hub, "a", &Resume::Fresh);
+    assert_eq!(drain(&o), ["v1"]);
+    let (o, _s) = sub(&hub, "a", &Resume::After(first));
+    assert_eq!(drain(&o), ["reset:a", "1", "2"], "v1 was seen: after {first:?}");
+    let (o, _s) = sub(&hub, "a", &Resume::Unknown("?".into()));
+    assert_eq!(drain(&o), ["reset:a", "v1", "1", "2"]);
+}
+
+#[test]
+fn idempotency_key_acknowledges_the_first_id_and_delivers_once() {
+    let hub = Hub::new(cfg(10));
+    let (o, _s) = sub(&hub, "a", &Resume::Fresh);
+    let mut p = text("x");
+    p.key = Some("k1".into());
+    let first = hub.publish(&ch("a"), p.clone());
+    let again = hub.publish(&ch("a"), p.clone());
+    assert!(!first.duplicate);
+    assert_eq!(again, Published { id: first.id, duplicate: true });
+    assert_eq!(drain(&o), ["x"]);
+    // Same key, another channel: not a duplicate.
+    assert!(!hub.publish(&ch("b"), p).duplicate);
+}
+
+#[test]
+fn idempotency_key_is_forgotten_when_its_event_leaves_history() {
+    let hub = Hub::new(cfg(1));
+    let mut p = text("x");
+    p.key = Some("k".into());
+    hub.publish(&ch("a"), p.clone());
+    hub.publish(&ch("a"), text("y"));
+    assert!(!hub.publish(&ch("a"), p).duplicate);
+}
+
+#[test]
+fn a_client_id_can_connect_once_per_channel() {
+    let hub = Hub::new(cfg(10));
+    let id = ClientId::parse("tab1").unwrap();
+    let o = hub.outbox();
+    let s = hub.subscribe(&ch("a"), &id, &o, &Resume::Fresh).unwrap();
+    assert!(matches!(
+        hub.subscribe(&ch("a"), &id, &hub.outbox(), &Resume::Fresh),
+        Err(Error::ClientIdTaken { .. })
+    ));
+    assert!(hub.subscribe(&ch("b"), &id, &hub.outbox(), &Resume::Fresh).is_ok());
+    drop(s);
+    assert!(hub.subscribe(&ch("a"), &id, &o, &Resume::Fresh).is_ok());
+}
+
+#[test]
+fn targeted_publish_reaches_one_client_and_stays_out_of_history() {
+    let hub = Hub::new(cfg(10));
+    let id = ClientId::parse("me").unwrap();
+    let mine = hub.outbox();
+    let _s1 = hub.subscribe(&ch("a"), &id, &mine, &Resume::Fresh).unwrap();
+    let (other, _s2) = sub(&hub, "a", &Resume::Fresh);
+    hub.publish_to_client(&ch("a"), &id, text("hi")).unwrap();
+    assert_eq!(drain(&mine), ["hi"]);
+    assert!(drain(&other).is_empty());
+    assert_eq!(hub.status().channels["a"].history, 0);
+    let missing = ClientId::parse("nobody").unwrap();
+    assert!(matches!(
+        hub.publish_to_client(&ch("a"), &missing, text("x")),
+        Err(Error::NoSuchClient { .. })
+    ));
+    assert!(hub.publish_to_client(&ch("zzz"), &id, text("x")).is_err());
+}
+
+#[test]
+fn publish_all_reaches_every_channel_with_subscribers_with_distinct_ids() {
+    let hub = Hub::new(cfg(10));
+    let (a, _sa) = sub(&hub, "a", &Resume::Fresh);
+    let (b, _sb) = sub(&hub, "b", &Resume::Fresh);
+    hub.publish(&ch("lonely"), text("history only"));
+    let out = hub.publish_all(&text("all"));
+    assert_eq!(out.len(), 2);
+    assert_ne!(out[0].1.id, out[1].1.id);
+    assert_eq!(drain(&a), ["all"]);
+    assert_eq!(drain(&b), ["all"]);
+}
+
+#[test]
+fn slow_subscriber_is_cut_off_and_others_get_everything() {
+    let hub = Hub::new(Config {
+        max_queued_bytes: 1000,
+        ..cfg(10)
+    });
+    let (slow, _s1) = sub(&hub, "a", &Resume::Fresh);
+    let (fast, _s2) = sub(&hub, "a", &Resume::Fresh);
+    for i in 0..100 {
+        hub.publish(&ch("a"), text(&format!("{i:0100}")));
+        assert_eq!(drain(&fast).len(), 1);
+    }
+    assert_eq!(drain(&slow), ["closed:Slow"]);
+    assert_eq!(hub.status().slow_consumers_disconnected, 1);
+}
+
+#[test]
+fn channels_are_freed_when_the_last_subscriber_leaves_without_history() {
+    let hub = Hub::new(cfg(0));
+    let (_o, s) = sub(&hub, "a", &Resume::Fresh);
+    hub.publish(&ch("a"), text("x"));
+    assert_eq!(hub.channel_count(), 1);
+    drop(s);
+    assert_eq!(hub.channel_count(), 0);
+    hub.publish(&ch("b"), text("nobody listens"));
+    assert_eq!(hub.channel_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_expires_after_its_ttl_and_the_channel_is_freed() {
+    let hub = Hub::new(Config {
+        history_ttl: Duration::from_secs(60),
+        ..cfg(10)
+    });
+    let first = hub.publish(&ch("a"), text("old")).id;
+    hub.publish(&ch("a"), text("old2"));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    hub.publish(&ch("a"), text("new"));
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(hub.sweep(), 1);
+    assert_eq!(hub.status().channels["a"].history, 1);
+    // The expired event makes resuming from before it a reset.
+    let (o, s) = sub(&hub, "a", &Resume::After(first));
+    assert_eq!(drain(&o), ["reset:a", "new"]);
+    drop(s);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(hub.sweep(), 0);
+    // A channel made again later still knows something was lost.
+    let (o, _s) = sub(&hub, "a", &Resume::After(first));
+    assert_eq!(drain(&o), ["reset:a"]);
+}
+
+#[test]
+fn a_million_short_lived_channels_leave_nothing_behind() {
+    let hub = Hub::new(cfg(0));
+    for i in 0..1_000_000 {
+        let (_o, _s) = sub(&hub, &format!("c{i}"), &Resume::Fresh);
+    }
+    assert_eq!(hub.channel_count(), 0);
+    hub.sweep();
+    assert!(hub.channels.capacity() < 10_000, "{}", hub.channels.capacity());
+}
+
+#[test]
+fn concurrent_publishers_keep_per_channel_order() {
+    let hub = Hub::new(cfg(100_000));
+    let (o, _s) = sub(&hub, "a", &Resume::Fresh);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let hub = &hub;
+            s.spawn(move || {
+                for i in 0..1000 {
+                    hub.publish(&ch("a"), text(&format!("{t}-{i}")));
+                }
+            });
+        }
+    });
+    let Some(Batch::Items(items)) = o.try_batch() else { panic!() };
+    assert_eq!(items.len(), 4000);
+    let ids: Vec<_> = items
+        .iter()
+        .map(|i| match i {
+            Item::Event(e) => e.id,
+            Item::Reset(_) => unreachable!(),
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+}

@@ -1,0 +1,10 @@
+//! herald: a push hub. Apps publish events over HTTP; browsers subscribe to
+//! named channels over Server-Sent Events or WebSocket.
+//!
+//! Code map (see ARCHITECTURE.md): [`hub`] is the transport-free core;
+//! [`http`] adapts it to HTTP (SSE, WebSocket, publish, operations);
+//! [`app`] composes everything and owns the shutdown; [`config`] is the
+//! typed configuration; [`cli`] is the command line (including the
+//! `publish` and `subscribe` clients).
+
+pub mod hub;
