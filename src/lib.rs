@@ -5,6 +5,12 @@
 //! [`http`] adapts it to HTTP (SSE, WebSocket, publish, operations);
 //! [`app`] composes everything and owns the shutdown; [`config`] is the
 //! typed configuration; [`cli`] is the command line (including the
-//! `publish` and `subscribe` clients).
+//! `publish` and `subscribe` clients); [`shutdown`] turns signals into
+//! cancellation.
 
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
 pub mod hub;
+pub mod shutdown;

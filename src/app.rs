@@ -1,0 +1,137 @@
+//! The composition root: binds the listener, builds the hub and router,
+//! runs until the shutdown token is cancelled, then drains within the
+//! grace period. Only this module knows every other one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, Peer};
+use crate::hub::Hub;
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The public listener could not be bound.
+    #[error("cannot listen on {addr} (--listen)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The server failed.
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A bound, not yet running node.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    config: Arc<Config>,
+    hub: Arc<Hub>,
+}
+
+impl App {
+    /// Validates the config and binds the listener (port 0 allowed).
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let hub = Hub::new(config.hub());
+        Ok(Self {
+            listener,
+            addr,
+            config: Arc::new(config),
+            hub,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The hub (for embedding and tests).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Serves until `shutdown` is cancelled, then ends open streams and
+    /// exits within the grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self {
+            listener,
+            addr,
+            config,
+            hub,
+        } = self;
+        let tasks = TaskTracker::new();
+        tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
+        let state = http::State {
+            hub,
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        let app = http::router(state).into_make_service_with_connect_info::<Peer>();
+        let listener = http::Listener::new(listener, config.write_timeout);
+        tracing::info!(%addr, node = %config.node_name, "herald is listening");
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let grace = config.shutdown_grace;
+        // The server future ends only after every connection has closed;
+        // streams end themselves on the token, but a client that does not
+        // read can hold its connection open, so the grace period bounds it.
+        let served = async {
+            let r = server.await;
+            tasks.close();
+            tasks.wait().await;
+            r
+        };
+        tokio::pin!(served);
+        let result = tokio::select! {
+            r = &mut served => r,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "connections still open after the grace period; exiting anyway");
+                Ok(())
+            }
+        };
+        tracing::info!("herald stopped");
+        result.map_err(Error::Serve)
+    }
+}
+
+/// Expires history and frees idle channels every so often.
+async fn sweep(hub: Arc<Hub>, ttl: Duration, shutdown: CancellationToken) {
+    let every = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => { hub.sweep(); }
+        }
+    }
+}

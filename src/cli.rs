@@ -1,0 +1,399 @@
+//! The command line: `herald serve`, `herald publish`, `herald subscribe`.
+//!
+//! Every flag has an environment variable `HERALD_<FLAG>`. The client
+//! commands speak herald's public HTTP API like any other client would.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+
+use crate::config::{self, Config, Cors, Secret};
+
+/// herald: a push hub for browsers (Server-Sent Events and WebSocket).
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub.
+    Serve(Box<ServeArgs>),
+    /// Publish one event and print its id.
+    Publish(PublishArgs),
+    /// Print events as they arrive; reconnects and resumes by itself.
+    Subscribe(SubscribeArgs),
+}
+
+/// Flags of `herald serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Public listener address [default: 0.0.0.0:8080, or 0.0.0.0:$HTTP_SERVER_PORT].
+    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Compatibility: the port of the public listener (sse-cluster).
+    #[arg(long, env = "HTTP_SERVER_PORT", hide = true)]
+    pub http_server_port: Option<u16>,
+    /// This node's name [default: the hostname].
+    #[arg(long, env = "HERALD_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Interval of SSE heartbeat comments and WebSocket pings.
+    #[arg(long, env = "HERALD_HEARTBEAT", default_value = "15s", value_parser = config::parse_duration)]
+    pub heartbeat: Duration,
+    /// Reconnection delay announced at the start of every SSE stream.
+    #[arg(long, env = "HERALD_SSE_RETRY", default_value = "2s", value_parser = config::parse_duration)]
+    pub sse_retry: Duration,
+    /// Events kept per channel for resume (0 keeps none).
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = config::DEFAULT_HISTORY_SIZE)]
+    pub history_size: usize,
+    /// How long an event stays in history.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "10m", value_parser = config::parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest publish body.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value = "64KiB", value_parser = config::parse_size)]
+    pub max_message_bytes: usize,
+    /// Bytes a connection may fall behind before it is closed as too slow.
+    #[arg(long, env = "HERALD_MAX_QUEUED_BYTES", default_value = "1MiB", value_parser = config::parse_size)]
+    pub max_queued_bytes: usize,
+    /// Require `Authorization: Bearer TOKEN` to publish.
+    #[arg(long, env = "HERALD_PUBLISH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub publish_token: Option<String>,
+    /// Allow publishing without a token from any address (default: loopback only).
+    #[arg(long, env = "HERALD_ALLOW_ANONYMOUS_PUBLISH")]
+    pub allow_anonymous_publish: bool,
+    /// Allow these browser origins (comma-separated; `*` for any).
+    #[arg(long, env = "HERALD_CORS_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Compatibility: `true` allows any origin (sse-cluster).
+    #[arg(long, env = "HTTP_SERVER_ENABLE_CORS", hide = true)]
+    pub http_server_enable_cors: bool,
+    /// Time to finish after SIGTERM or SIGINT.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// A write blocked this long drops the connection.
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    pub write_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The typed configuration these flags describe.
+    pub fn into_config(self) -> Result<Config, config::ConfigError> {
+        let listen = self.listen.unwrap_or_else(|| {
+            let port = self.http_server_port.unwrap_or(8080);
+            SocketAddr::from(([0, 0, 0, 0], port))
+        });
+        let cors = if self.http_server_enable_cors || self.cors_origin.iter().any(|o| o == "*") {
+            Cors::Any
+        } else if self.cors_origin.is_empty() {
+            Cors::Off
+        } else {
+            for o in &self.cors_origin {
+                if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                    return Err(config::ConfigError::Invalid {
+                        flag: "--cors-origin",
+                        message: format!(
+                            "{o:?} is not an origin; write scheme://host[:port], such as https://app.example.com"
+                        ),
+                    });
+                }
+            }
+            Cors::Origins(self.cors_origin)
+        };
+        let config = Config {
+            listen,
+            node_name: self.node_name.unwrap_or_else(config::default_node_name),
+            heartbeat: self.heartbeat,
+            sse_retry: self.sse_retry,
+            history_size: self.history_size,
+            history_ttl: self.history_ttl,
+            max_message_bytes: self.max_message_bytes,
+            max_queued_bytes: self.max_queued_bytes,
+            publish_token: self.publish_token.map(Secret::new),
+            allow_anonymous_publish: self.allow_anonymous_publish,
+            cors,
+            shutdown_grace: self.shutdown_grace,
+            write_timeout: self.write_timeout,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Flags of `herald publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The hub's URL.
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Event name (default: message).
+    #[arg(long, env = "HERALD_EVENT")]
+    pub event: Option<String>,
+    /// Keep as the channel's current value for new subscribers.
+    #[arg(long)]
+    pub retain: bool,
+    /// Send DATA as JSON (it must be valid JSON).
+    #[arg(long)]
+    pub json: bool,
+    /// Idempotency key: publishing the same key again is acknowledged, not delivered twice.
+    #[arg(long, value_name = "KEY")]
+    pub id: Option<String>,
+    /// Bearer token for a hub started with --publish-token.
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The channel.
+    pub channel: String,
+    /// The data (read from standard input when left out).
+    pub data: Option<String>,
+}
+
+/// Flags of `herald subscribe`.
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// The hub's URL.
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Resume after this event id.
+    #[arg(long, env = "HERALD_LAST_EVENT_ID", value_name = "ID")]
+    pub last_event_id: Option<String>,
+    /// Print each event as a JSON line {"id", "event", "data"} instead of its data.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many events (for scripts).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// The channels.
+    #[arg(required = true)]
+    pub channels: Vec<String>,
+}
+
+/// Makes an HTTP client for the client commands (rustls with ring).
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    // Installing fails only if a provider is installed already: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Reads the `{"error": ...}` message of a failed response.
+async fn error_message(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or(body);
+    format!("{status}: {msg}")
+}
+
+/// `herald publish`.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let data = match args.data {
+        Some(d) => d,
+        None => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading DATA from standard input")?;
+            s
+        }
+    };
+    let base = args.url.trim_end_matches('/');
+    let channel = urlencode(&args.channel);
+    let client = http_client()?;
+    let req = if args.json {
+        let value: serde_json::Value =
+            serde_json::from_str(&data).context("DATA is not valid JSON (--json)")?;
+        let mut body = serde_json::json!({ "data": value });
+        if let Some(e) = &args.event {
+            body["event"] = e.clone().into();
+        }
+        if let Some(k) = &args.id {
+            body["id"] = k.clone().into();
+        }
+        if args.retain {
+            body["retain"] = true.into();
+        }
+        client.post(format!("{base}/channel/{channel}")).header("content-type", "application/json").body(body.to_string())
+    } else {
+        let mut query = vec![];
+        if let Some(e) = &args.event {
+            query.push(format!("event={}", urlencode(e)));
+        }
+        if let Some(k) = &args.id {
+            query.push(format!("id={}", urlencode(k)));
+        }
+        if args.retain {
+            query.push("retain=true".into());
+        }
+        let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        client
+            .post(format!("{base}/channel/{channel}{q}"))
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(data)
+    };
+    let req = match &args.token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
+    let resp = req.send().await.with_context(|| format!("publishing to {base}"))?;
+    if !resp.status().is_success() {
+        bail!("publish refused: {}", error_message(resp).await);
+    }
+    let v: serde_json::Value = resp.json_value().await?;
+    let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
+    println!("{id}");
+    Ok(())
+}
+
+trait JsonValue {
+    async fn json_value(self) -> anyhow::Result<serde_json::Value>;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> anyhow::Result<serde_json::Value> {
+        let bytes = self.bytes().await.context("reading the answer")?;
+        serde_json::from_slice(&bytes).context("the answer is not JSON")
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// `herald subscribe`: follows the stream, reconnecting with backoff and
+/// resuming from the last id it printed.
+pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let base = args.url.trim_end_matches('/').to_owned();
+    let query: Vec<String> = args
+        .channels
+        .iter()
+        .map(|c| format!("stream={}", urlencode(c)))
+        .collect();
+    let url = format!("{base}/events?{}", query.join("&"));
+    let single = (args.channels.len() == 1).then(|| args.channels[0].clone());
+    let client = http_client()?;
+    let mut last_id = args.last_event_id.clone();
+    let mut retry = Duration::from_secs(2);
+    let mut failures: u32 = 0;
+    let mut printed: u64 = 0;
+    let stdout = std::io::stdout();
+    loop {
+        let mut req = client.get(&url).header("accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            req = req.header("last-event-id", id.as_str());
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => {
+                failures = 0;
+                let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
+                while let Some(ev) = events.next().await {
+                    let Ok(ev) = ev else { break };
+                    if let Some(r) = ev.retry {
+                        retry = r;
+                    }
+                    if !ev.id.is_empty() {
+                        last_id = Some(ev.id.clone());
+                    }
+                    let mut out = stdout.lock();
+                    if args.json {
+                        let mut line = serde_json::json!({"id": ev.id, "event": ev.event, "data": ev.data});
+                        if let Some(c) = &single {
+                            line["channel"] = c.clone().into();
+                        }
+                        writeln!(out, "{line}")?;
+                    } else if ev.event == "herald.reset" {
+                        eprintln!("herald: reset: {}", ev.data);
+                    } else {
+                        writeln!(out, "{}", ev.data)?;
+                    }
+                    out.flush()?;
+                    printed += 1;
+                    if args.count.is_some_and(|n| printed >= n) {
+                        return Ok(());
+                    }
+                }
+                eprintln!("herald: stream ended; reconnecting");
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                bail!("subscribe refused: {}", error_message(resp).await);
+            }
+            Ok(resp) => eprintln!("herald: {}; reconnecting", error_message(resp).await),
+            Err(e) => eprintln!("herald: {e}; reconnecting"),
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff(retry, failures)).await;
+    }
+}
+
+/// The server's retry delay for the first attempt, then exponential with
+/// full jitter, at most 30 s.
+fn backoff(retry: Duration, failures: u32) -> Duration {
+    use rand::Rng;
+    if failures <= 1 {
+        return retry;
+    }
+    let cap = Duration::from_secs(30);
+    let exp = retry.saturating_mul(1 << failures.min(10)).min(cap);
+    Duration::from_millis(rand::rng().random_range(0..=u64::try_from(exp.as_millis()).unwrap_or(30_000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["herald", "serve"];
+        argv.extend(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Serve(s) = cli.command else { unreachable!() };
+        s.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn serve_works_with_no_flags() {
+        let c = serve(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), config::DEFAULT_LISTEN);
+        assert_eq!(c.heartbeat, config::DEFAULT_HEARTBEAT);
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.history_size, 1000);
+        assert_eq!(c.cors, Cors::Off);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = serve(&["--heartbeat", "soon"]).unwrap_err();
+        assert!(e.contains("--heartbeat"), "{e}");
+        let e = serve(&["--max-message-bytes", "lots"]).unwrap_err();
+        assert!(e.contains("--max-message-bytes"), "{e}");
+        let e = serve(&["--cors-origin", "example.com"]).unwrap_err();
+        assert!(e.contains("--cors-origin"), "{e}");
+        let e = serve(&["--listen", "nowhere"]).unwrap_err();
+        assert!(e.contains("--listen"), "{e}");
+    }
+
+    #[test]
+    fn units_are_read() {
+        let c = serve(&["--heartbeat", "250ms", "--max-queued-bytes", "2MiB", "--cors-origin", "https://a.example,https://b.example"]).unwrap();
+        assert_eq!(c.heartbeat, Duration::from_millis(250));
+        assert_eq!(c.max_queued_bytes, 2 << 20);
+        assert_eq!(c.cors, Cors::Origins(vec!["https://a.example".into(), "https://b.example".into()]));
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for f in 0..100 {
+            assert!(backoff(Duration::from_secs(2), f) <= Duration::from_secs(30));
+        }
+        assert_eq!(backoff(Duration::from_millis(500), 1), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,125 @@
+//! HTTP adapters over the hub: SSE, WebSocket, publish and operations.
+//!
+//! Handlers validate input, turn it into hub calls, and turn hub results
+//! into responses. Every error is JSON `{"error": "..."}` with a status
+//! that says whose fault it is.
+
+mod error;
+mod listener;
+mod ops;
+mod publish;
+mod sse;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::{Config, Cors};
+use crate::hub::{ChannelName, Hub};
+
+pub use error::ApiError;
+pub use listener::{Listener, Peer};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The node's configuration.
+    pub config: Arc<Config>,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl State {
+    /// Refuses new subscriptions while draining.
+    fn check_not_draining(&self) -> Result<(), ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::unavailable(
+                "herald is shutting down; reconnect to another instance",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The public router.
+pub fn router(state: State) -> Router {
+    let cors = cors_layer(&state.config.cors);
+    let router = Router::new()
+        .route("/channel", post(publish::all))
+        .route("/channel/{channel}", get(sse::channel).post(publish::channel))
+        .route(
+            "/channel/{channel}/client/{client}",
+            get(sse::channel_client).post(publish::client),
+        )
+        .route("/events", get(sse::events))
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/status", get(ops::status))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state);
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
+    let origin = match cors {
+        Cors::Off => return None,
+        Cors::Any => AllowOrigin::any(),
+        Cors::Origins(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                axum::http::header::CONTENT_TYPE,
+                axum::http::header::AUTHORIZATION,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([HeaderName::from_static("herald-client-id")])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// Reads `name=value` pairs of a query string (repeated names allowed).
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// Parses a list of channel names, dropping repeats, within the limit.
+fn channel_list<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<ChannelName>, ApiError> {
+    let mut out: Vec<ChannelName> = vec![];
+    for n in names {
+        let c = ChannelName::parse(n).map_err(ApiError::bad_request)?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    if out.len() > crate::config::MAX_CHANNELS_PER_CONNECTION {
+        return Err(ApiError::bad_request(format!(
+            "too many channels: at most {} per connection",
+            crate::config::MAX_CHANNELS_PER_CONNECTION
+        )));
+    }
+    Ok(out)
+}

@@ -1,0 +1,36 @@
+//! Operations endpoints: liveness, readiness, status.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+use super::State as AppState;
+
+pub(super) async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.shutdown.is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "draining" })),
+        )
+    } else {
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })))
+    }
+}
+
+pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let hub = state.hub.status();
+    Json(serde_json::json!({
+        "node": state.config.node_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": !state.shutdown.is_cancelled(),
+        "connections": hub.connections,
+        "slow_consumers_disconnected": hub.slow_consumers_disconnected,
+        "events_published": hub.events_published,
+        "channels": hub.channels,
+    }))
+}

@@ -1,0 +1,282 @@
+//! `POST /channel[/{channel}[/client/{client}]]`: publishing.
+//!
+//! A JSON body (`Content-Type: application/json`) is an envelope
+//! `{"data", "event"?, "id"?, "retry"?, "retain"?}`; any other body is the
+//! data itself as UTF-8 text, with `event`, `id`, `retry` and `retain` taken
+//! from the query string.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{ApiError, Peer, State as AppState, query_pairs};
+use crate::hub::{ChannelName, ClientId, Data, EventName, Publish, compact_json};
+
+/// Longest idempotency key accepted.
+const MAX_KEY_LEN: usize = 256;
+
+type Accepted = (StatusCode, Json<serde_json::Value>);
+
+pub(super) async fn channel(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    req: Request,
+) -> Result<Accepted, ApiError> {
+    let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
+    let p = read(&state, req).await?;
+    let published = state.hub.publish(&channel, p);
+    let mut body = serde_json::json!({ "id": published.id.to_string() });
+    if published.duplicate {
+        body["duplicate"] = true.into();
+    }
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+pub(super) async fn client(
+    State(state): State<AppState>,
+    Path((channel, client)): Path<(String, String)>,
+    req: Request,
+) -> Result<Accepted, ApiError> {
+    let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
+    let client = ClientId::parse(&client).map_err(ApiError::bad_request)?;
+    let p = read(&state, req).await?;
+    if p.retain {
+        return Err(ApiError::bad_request(
+            "retain cannot be used when publishing to a single client",
+        ));
+    }
+    if p.key.is_some() {
+        return Err(ApiError::bad_request(
+            "an idempotency id cannot be used when publishing to a single client",
+        ));
+    }
+    let published = state.hub.publish_to_client(&channel, &client, p)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "id": published.id.to_string() })),
+    ))
+}
+
+pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<Accepted, ApiError> {
+    let p = read(&state, req).await?;
+    let out = state.hub.publish_all(&p);
+    let ids: serde_json::Map<String, serde_json::Value> = out
+        .iter()
+        .map(|(c, p)| (c.to_string(), p.id.to_string().into()))
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "channels": out.len(), "ids": ids })),
+    ))
+}
+
+/// Authorizes, reads and validates a publish request.
+async fn read(state: &AppState, req: Request) -> Result<Publish, ApiError> {
+    let (parts, body) = req.into_parts();
+    authorize(state, &parts)?;
+    let limit = state.config.max_message_bytes;
+    let bytes = read_body(&parts.headers, body, limit).await?;
+    let query = Query::parse(parts.uri.query())?;
+    if is_json(&parts.headers) {
+        let env: Envelope = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        let data = if env.data.get() == "null" {
+            return Err(ApiError::bad_request("data must not be null"));
+        } else if env.data.get().starts_with('"') {
+            let s: String = serde_json::from_str(env.data.get())
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+            Data::Text(s)
+        } else {
+            Data::Json(compact_json(env.data.get()))
+        };
+        build(
+            data,
+            env.event.or(query.event),
+            env.id.or(query.id),
+            env.retry.or(query.retry),
+            env.retain.or(query.retain).unwrap_or(false),
+        )
+    } else {
+        let text = String::from_utf8(bytes.to_vec())
+            .map_err(|_| ApiError::bad_request("the body is not valid UTF-8 text"))?;
+        build(
+            Data::Text(text),
+            query.event,
+            query.id,
+            query.retry,
+            query.retain.unwrap_or(false),
+        )
+    }
+}
+
+fn build(
+    data: Data,
+    event: Option<String>,
+    key: Option<String>,
+    retry: Option<u64>,
+    retain: bool,
+) -> Result<Publish, ApiError> {
+    if data.is_empty() {
+        return Err(ApiError::bad_request(
+            "you cannot send the empty string as a message",
+        ));
+    }
+    let event = event
+        .map(|e| EventName::parse(&e))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    if let Some(k) = &key {
+        if k.is_empty() || k.len() > MAX_KEY_LEN || k.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!(
+                "invalid id: an idempotency key is 1 to {MAX_KEY_LEN} bytes without control characters"
+            )));
+        }
+    }
+    Ok(Publish {
+        data,
+        event,
+        key,
+        retry,
+        retain,
+    })
+}
+
+/// The JSON envelope. Unknown fields are refused by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    data: Box<RawValue>,
+    event: Option<String>,
+    id: Option<String>,
+    retry: Option<u64>,
+    retain: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Query {
+    event: Option<String>,
+    id: Option<String>,
+    retry: Option<u64>,
+    retain: Option<bool>,
+}
+
+impl Query {
+    fn parse(q: Option<&str>) -> Result<Self, ApiError> {
+        let mut out = Self::default();
+        for (k, v) in query_pairs(q) {
+            match k.as_str() {
+                "event" => out.event = Some(v),
+                "id" => out.id = Some(v),
+                "retry" => {
+                    out.retry = Some(v.parse().map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "invalid query parameter retry={v:?}: milliseconds expected"
+                        ))
+                    })?);
+                }
+                "retain" => {
+                    out.retain = Some(match v.as_str() {
+                        "" | "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid query parameter retain={v:?}: true or false expected"
+                            )));
+                        }
+                    });
+                }
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown query parameter {other:?}: expected event, id, retry or retain"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the message is larger than the limit of {limit} bytes (--max-message-bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("could not read the body: {e}"))
+        }
+    })
+}
+
+/// Publishing needs the token if one is set; without one, only loopback
+/// clients may publish unless anonymous publishing is allowed.
+fn authorize(state: &AppState, parts: &Parts) -> Result<(), ApiError> {
+    if let Some(token) = &state.config.publish_token {
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        return match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token does not match --publish-token",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "publishing needs the header Authorization: Bearer <token> (the hub's --publish-token)",
+            )),
+        };
+    }
+    if state.config.allow_anonymous_publish {
+        return Ok(());
+    }
+    let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0.0);
+    match peer {
+        Some(addr) if addr.ip().is_loopback() || is_mapped_loopback(addr.ip()) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "publishing from outside loopback needs a token: start herald with --publish-token TOKEN \
+             (HERALD_PUBLISH_TOKEN) and send Authorization: Bearer TOKEN, or allow anyone with \
+             --allow-anonymous-publish",
+        )),
+    }
+}
+
+fn is_mapped_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        std::net::IpAddr::V4(_) => false,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

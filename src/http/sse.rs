@@ -1,0 +1,165 @@
+//! Server-Sent Events: `GET /channel/{c}`, `/channel/{c}/client/{id}` and
+//! `/events?stream=a&stream=b`.
+//!
+//! The subscription is registered (and any replay queued) before the
+//! handler returns, and the body opens with a `retry:` field that is ready
+//! at once, so the 200 and headers reach the client immediately: once a
+//! client has them, every later publish reaches it. The stream ends by
+//! itself on shutdown and when the connection's outbox overflows.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiError, State as AppState, channel_list, query_pairs};
+use crate::hub::{Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription};
+
+const HEARTBEAT: &[u8] = b": ping\n\n";
+
+pub(super) async fn channel(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let channels = channel_list(std::iter::once(channel.as_str()))?;
+    open(&state, channels, None, &headers, query.as_deref())
+}
+
+pub(super) async fn channel_client(
+    State(state): State<AppState>,
+    Path((channel, client)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let channels = channel_list(std::iter::once(channel.as_str()))?;
+    let client = ClientId::parse(&client).map_err(ApiError::bad_request)?;
+    open(&state, channels, Some(client), &headers, query.as_deref())
+}
+
+pub(super) async fn events(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(query.as_deref());
+    let names = pairs
+        .iter()
+        .filter(|(k, _)| k == "stream")
+        .map(|(_, v)| v.as_str());
+    let channels = channel_list(names)?;
+    if channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "a stream name is required as part of the query parameters",
+        ));
+    }
+    open(&state, channels, None, &headers, query.as_deref())
+}
+
+/// `Last-Event-ID` header, else the `lastEventId` query parameter.
+pub(super) fn resume_from(headers: &HeaderMap, query: Option<&str>) -> Resume {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let param = || {
+        query_pairs(query)
+            .into_iter()
+            .find(|(k, _)| k == "lastEventId")
+            .map(|(_, v)| v)
+    };
+    Resume::parse(header.or_else(param).as_deref())
+}
+
+fn open(
+    state: &AppState,
+    channels: Vec<ChannelName>,
+    client: Option<ClientId>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    state.check_not_draining()?;
+    let resume = resume_from(headers, query);
+    let client = client.unwrap_or_else(ClientId::generate);
+    let outbox = state.hub.outbox();
+    let subs = channels
+        .iter()
+        .map(|c| state.hub.subscribe(c, &client, &outbox, &resume))
+        .collect::<Result<Vec<_>, _>>()?;
+    let conn = Conn {
+        prelude: Some(Bytes::from(format!(
+            "retry: {}\n\n",
+            state.config.sse_retry.as_millis()
+        ))),
+        outbox,
+        _subs: subs,
+        _guard: state.hub.connection(),
+        shutdown: state.shutdown.clone(),
+        heartbeat: state.config.heartbeat,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(conn, Conn::next));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(client.as_str()) {
+        h.insert("herald-client-id", v);
+    }
+    Ok(resp)
+}
+
+/// One SSE connection's state, owned by its body stream.
+struct Conn {
+    prelude: Option<Bytes>,
+    outbox: Arc<Outbox>,
+    _subs: Vec<Subscription>,
+    _guard: ConnectionGuard,
+    shutdown: CancellationToken,
+    heartbeat: Duration,
+}
+
+impl Conn {
+    /// The next chunk: everything queued, coalesced; or a heartbeat after
+    /// `heartbeat` of silence; or the end (shutdown, too slow).
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if let Some(p) = self.prelude.take() {
+            return Some((Ok(p), self));
+        }
+        let chunk = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return None,
+            batch = self.outbox.next_batch() => match batch {
+                Batch::Items(items) => encode(items),
+                Batch::Closed(_) => return None,
+            },
+            () = tokio::time::sleep(self.heartbeat) => Bytes::from_static(HEARTBEAT),
+        };
+        Some((Ok(chunk), self))
+    }
+}
+
+/// One item is sent as its shared bytes; several are written together.
+fn encode(items: VecDeque<Item>) -> Bytes {
+    let frame = |item: &Item| match item {
+        Item::Event(e) => e.sse().clone(),
+        Item::Reset(r) => r.sse(),
+    };
+    if items.len() == 1 {
+        return frame(&items[0]);
+    }
+    let frames: Vec<Bytes> = items.iter().map(frame).collect();
+    let mut out = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+    for f in &frames {
+        out.extend_from_slice(f);
+    }
+    out.freeze()
+}

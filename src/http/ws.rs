@@ -1,0 +1,257 @@
+//! WebSocket: `GET /ws?channel=a&channel=b[&lastEventId=ID]`.
+//!
+//! One task per connection (tracked, so shutdown waits for it) drives both
+//! directions with `select!`: outbox batches are fed to the socket and
+//! flushed once; client messages (`subscribe`, `unsubscribe`) are answered
+//! in between; pings go out every heartbeat and a peer that answered
+//! nothing since the last ping is closed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use super::sse::resume_from;
+use super::{ApiError, State as AppState, channel_list, query_pairs};
+use crate::config::{MAX_CHANNELS_PER_CONNECTION, MAX_WS_CLIENT_MESSAGE_BYTES};
+use crate::hub::{Batch, ChannelName, ClientId, Item, Outbox, Resume, Subscription};
+
+/// Close code for a subscriber that fell too far behind (application range).
+pub const CLOSE_SLOW: u16 = 4008;
+
+pub(super) async fn upgrade(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    state.check_not_draining()?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), format!("a WebSocket upgrade is required: {e}")))?;
+    let pairs = query_pairs(query.as_deref());
+    for (k, _) in &pairs {
+        if k != "channel" && k != "lastEventId" {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}: expected channel or lastEventId"
+            )));
+        }
+    }
+    let channels = channel_list(
+        pairs
+            .iter()
+            .filter(|(k, _)| k == "channel")
+            .map(|(_, v)| v.as_str()),
+    )?;
+    let resume = resume_from(&headers, query.as_deref());
+    let client = ClientId::generate();
+    let outbox = state.hub.outbox();
+    // Register before the 101 so nothing published after it is missed.
+    let mut subs = HashMap::new();
+    for c in &channels {
+        let s = state.hub.subscribe(c, &client, &outbox, &resume)?;
+        subs.insert(c.clone(), s);
+    }
+    let tasks = state.tasks.clone();
+    Ok(ws
+        .max_message_size(MAX_WS_CLIENT_MESSAGE_BYTES)
+        .max_frame_size(MAX_WS_CLIENT_MESSAGE_BYTES)
+        .on_upgrade(move |socket| {
+            let conn = Conn {
+                state,
+                client,
+                outbox,
+                subs,
+            };
+            tasks.track_future(conn.run(socket, channels))
+        }))
+}
+
+struct Conn {
+    state: AppState,
+    client: ClientId,
+    outbox: Arc<Outbox>,
+    subs: HashMap<ChannelName, Subscription>,
+}
+
+/// A message from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe {
+        channel: String,
+        #[serde(rename = "lastEventId")]
+        last_event_id: Option<String>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+}
+
+/// How the connection ends.
+enum End {
+    Close(u16, &'static str),
+    Drop,
+}
+
+impl Conn {
+    async fn run(mut self, socket: WebSocket, initial: Vec<ChannelName>) {
+        let _guard = self.state.hub.connection();
+        let (mut tx, mut rx) = socket.split();
+        let mut hello = initial.iter().map(|c| subscribed(c)).collect::<Vec<_>>();
+        let mut ok = true;
+        for m in hello.drain(..) {
+            ok &= tx.feed(m).await.is_ok();
+        }
+        if !ok || tx.flush().await.is_err() {
+            return;
+        }
+        let heartbeat = self.state.config.heartbeat;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut heard_since_ping = true;
+        let end = loop {
+            tokio::select! {
+                biased;
+                () = self.state.shutdown.cancelled() => break End::Close(close_code::RESTART, "herald is restarting; reconnect"),
+                batch = self.outbox.next_batch() => match batch {
+                    Batch::Closed(_) => break End::Close(CLOSE_SLOW, "slow consumer: too far behind"),
+                    Batch::Items(items) => {
+                        let mut ok = true;
+                        for item in items {
+                            if let Some(m) = self.frame(item) {
+                                ok &= tx.feed(m).await.is_ok();
+                            }
+                        }
+                        if !ok || tx.flush().await.is_err() {
+                            break End::Drop;
+                        }
+                    }
+                },
+                msg = rx.next() => {
+                    heard_since_ping = true;
+                    match msg {
+                        None => break End::Drop,
+                        Some(Err(e)) => break read_error(&e),
+                        Some(Ok(Message::Text(text))) => {
+                            let replies = self.handle(&text);
+                            let mut ok = true;
+                            for r in replies {
+                                ok &= tx.feed(r).await.is_ok();
+                            }
+                            if !ok || tx.flush().await.is_err() {
+                                break End::Drop;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => break End::Close(close_code::UNSUPPORTED, "binary frames are not supported"),
+                        Some(Ok(Message::Close(_))) => break End::Drop,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if !heard_since_ping {
+                        break End::Close(close_code::AWAY, "no answer to ping");
+                    }
+                    heard_since_ping = false;
+                    if tx.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        break End::Drop;
+                    }
+                }
+            }
+        };
+        if let End::Close(code, reason) = end {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                self.state.config.write_timeout,
+                tx.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+    }
+
+    /// The frame for a queued item; `None` for a channel unsubscribed since.
+    fn frame(&self, item: Item) -> Option<Message> {
+        match item {
+            Item::Event(e) => {
+                if !self.subs.contains_key(&e.channel) {
+                    return None;
+                }
+                Utf8Bytes::try_from(e.ws().clone()).ok().map(Message::Text)
+            }
+            Item::Reset(r) => Utf8Bytes::try_from(r.ws()).ok().map(Message::Text),
+        }
+    }
+
+    /// Answers one client message; errors become error frames.
+    fn handle(&mut self, text: &str) -> Vec<Message> {
+        let msg = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(m) => m,
+            Err(e) => return vec![error(&format!("invalid message: {e}"))],
+        };
+        match msg {
+            ClientMessage::Subscribe {
+                channel,
+                last_event_id,
+            } => {
+                let channel = match ChannelName::parse(&channel) {
+                    Ok(c) => c,
+                    Err(e) => return vec![error(&e.to_string())],
+                };
+                if self.subs.contains_key(&channel) {
+                    return vec![error(&format!("already subscribed to {channel}"))];
+                }
+                if self.subs.len() >= MAX_CHANNELS_PER_CONNECTION {
+                    return vec![error(&format!(
+                        "too many channels: at most {MAX_CHANNELS_PER_CONNECTION} per connection"
+                    ))];
+                }
+                let resume = Resume::parse(last_event_id.as_deref());
+                match self.state.hub.subscribe(&channel, &self.client, &self.outbox, &resume) {
+                    Ok(s) => {
+                        self.subs.insert(channel.clone(), s);
+                        vec![subscribed(&channel)]
+                    }
+                    Err(e) => vec![error(&e.to_string())],
+                }
+            }
+            ClientMessage::Unsubscribe { channel } => {
+                let found = ChannelName::parse(&channel)
+                    .ok()
+                    .and_then(|c| self.subs.remove(&c).map(|_| c));
+                match found {
+                    Some(c) => vec![json_frame(&serde_json::json!({"type": "unsubscribed", "channel": c.as_str()}))],
+                    None => vec![error(&format!("not subscribed to {channel:?}"))],
+                }
+            }
+        }
+    }
+}
+
+fn read_error(e: &axum::Error) -> End {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
+            return End::Close(close_code::SIZE, "message too big");
+        }
+        source = s.source();
+    }
+    End::Drop
+}
+
+fn subscribed(c: &ChannelName) -> Message {
+    json_frame(&serde_json::json!({"type": "subscribed", "channel": c.as_str()}))
+}
+
+fn error(msg: &str) -> Message {
+    json_frame(&serde_json::json!({"type": "error", "error": msg}))
+}
+
+fn json_frame(v: &serde_json::Value) -> Message {
+    Message::Text(Utf8Bytes::from(v.to_string()))
+}
