@@ -166,7 +166,7 @@ pub struct SubscribeArgs {
     /// Print each event as a JSON line {"id", "event", "data"} instead of its data.
     #[arg(long)]
     pub json: bool,
-    /// Exit after this many events (for scripts).
+    /// Exit after this many events (for scripts; resets do not count).
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// The channels.
@@ -174,8 +174,9 @@ pub struct SubscribeArgs {
     pub channels: Vec<String>,
 }
 
-/// Makes an HTTP client for the client commands (rustls with ring).
-fn http_client() -> anyhow::Result<reqwest::Client> {
+/// Makes an HTTP client for the client commands (rustls with ring; the
+/// provider is installed first, since reqwest is built without one).
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
     // Installing fails only if a provider is installed already: fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
@@ -249,21 +250,10 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     if !resp.status().is_success() {
         bail!("publish refused: {}", error_message(resp).await);
     }
-    let v: serde_json::Value = resp.json_value().await?;
+    let v: serde_json::Value = resp.json().await.context("reading the hub's answer")?;
     let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
     println!("{id}");
     Ok(())
-}
-
-trait JsonValue {
-    async fn json_value(self) -> anyhow::Result<serde_json::Value>;
-}
-
-impl JsonValue for reqwest::Response {
-    async fn json_value(self) -> anyhow::Result<serde_json::Value> {
-        let bytes = self.bytes().await.context("reading the answer")?;
-        serde_json::from_slice(&bytes).context("the answer is not JSON")
-    }
 }
 
 fn urlencode(s: &str) -> String {
@@ -317,7 +307,9 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                         writeln!(out, "{}", ev.data)?;
                     }
                     out.flush()?;
-                    printed += 1;
+                    if ev.event != "herald.reset" {
+                        printed += 1;
+                    }
                     if args.count.is_some_and(|n| printed >= n) {
                         return Ok(());
                     }

@@ -99,6 +99,28 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
     )
 }
 
+/// A path parameter, with malformed paths (such as invalid UTF-8 after
+/// percent-decoding) answered as JSON errors like everything else.
+pub(crate) struct PathParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for PathParams<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Self(p.0))
+            .map_err(|e| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
+    }
+}
+
 /// Reads `name=value` pairs of a query string (repeated names allowed).
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())

@@ -7,12 +7,12 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{ApiError, Peer, State as AppState, query_pairs};
+use super::{ApiError, PathParams, Peer, State as AppState, query_pairs};
 use crate::hub::{ChannelName, ClientId, Data, EventName, Publish, compact_json};
 
 /// Longest idempotency key accepted.
@@ -22,7 +22,7 @@ type Accepted = (StatusCode, Json<serde_json::Value>);
 
 pub(super) async fn channel(
     State(state): State<AppState>,
-    Path(channel): Path<String>,
+    PathParams(channel): PathParams<String>,
     req: Request,
 ) -> Result<Accepted, ApiError> {
     let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
@@ -37,7 +37,7 @@ pub(super) async fn channel(
 
 pub(super) async fn client(
     State(state): State<AppState>,
-    Path((channel, client)): Path<(String, String)>,
+    PathParams((channel, client)): PathParams<(String, String)>,
     req: Request,
 ) -> Result<Accepted, ApiError> {
     let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;

@@ -13,20 +13,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 
-use super::{ApiError, State as AppState, channel_list, query_pairs};
+use super::{ApiError, PathParams, State as AppState, channel_list, query_pairs};
 use crate::hub::{Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription};
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
 
 pub(super) async fn channel(
     State(state): State<AppState>,
-    Path(channel): Path<String>,
+    PathParams(channel): PathParams<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -36,7 +36,7 @@ pub(super) async fn channel(
 
 pub(super) async fn channel_client(
     State(state): State<AppState>,
-    Path((channel, client)): Path<(String, String)>,
+    PathParams((channel, client)): PathParams<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

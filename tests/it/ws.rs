@@ -1,0 +1,130 @@
+//! WebSocket subscribe: frames, client messages, resume, close codes, pings.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{TestHub, config};
+
+#[tokio::test]
+async fn subscribed_then_events_with_json_data_kept_as_json() {
+    let hub = TestHub::spawn().await;
+    let mut ws = hub.ws("?channel=a&channel=b").await;
+    let id = hub.publish("a", "text").await;
+    assert_eq!(ws.next_json().await, json!({"type": "event", "channel": "a", "id": id, "event": "message", "data": "text"}));
+    let (_, v) = hub.publish_json("/channel/b", json!({"data": {"n": [1, 2]}, "event": "e"})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "event", "channel": "b", "id": v["id"], "event": "e", "data": {"n": [1, 2]}}));
+}
+
+#[tokio::test]
+async fn clients_subscribe_and_unsubscribe_by_message() {
+    let hub = TestHub::spawn().await;
+    let mut ws = hub.ws("").await;
+    ws.send_json(json!({"type": "subscribe", "channel": "x"})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "x"}));
+    hub.publish("x", "1").await;
+    assert_eq!(ws.next_json().await["data"], "1");
+    ws.send_json(json!({"type": "unsubscribe", "channel": "x"})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "unsubscribed", "channel": "x"}));
+    hub.publish("x", "2").await;
+    ws.send_json(json!({"type": "subscribe", "channel": "y"})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "y"}));
+    hub.publish("y", "3").await;
+    assert_eq!(ws.next_json().await["data"], "3", "nothing from x after unsubscribing");
+}
+
+#[tokio::test]
+async fn malformed_messages_get_an_error_frame_and_the_connection_stays_open() {
+    let hub = TestHub::spawn().await;
+    let mut ws = hub.ws("?channel=a").await;
+    for bad in [
+        "not json".to_owned(),
+        json!({"type": "dance"}).to_string(),
+        json!({"type": "subscribe"}).to_string(),
+        json!({"type": "subscribe", "channel": "bad name"}).to_string(),
+        json!({"type": "subscribe", "channel": "a"}).to_string(),
+        json!({"type": "unsubscribe", "channel": "never"}).to_string(),
+        json!({"type": "subscribe", "channel": "b", "extra": 1}).to_string(),
+    ] {
+        ws.socket.send(Message::text(bad.clone())).await.unwrap();
+        let v = ws.next_json().await;
+        assert_eq!(v["type"], "error", "{bad}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}");
+    }
+    hub.publish("a", "still here").await;
+    assert_eq!(ws.next_json().await["data"], "still here");
+}
+
+#[tokio::test]
+async fn binary_frames_close_with_1003() {
+    let hub = TestHub::spawn().await;
+    let mut ws = hub.ws("?channel=a").await;
+    ws.socket.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(ws.close_code().await, 1003);
+}
+
+#[tokio::test]
+async fn oversize_frames_close_with_1009() {
+    let hub = TestHub::spawn().await;
+    let mut ws = hub.ws("?channel=a").await;
+    ws.socket.send(Message::text("x".repeat(100 * 1024))).await.unwrap();
+    assert_eq!(ws.close_code().await, 1009);
+}
+
+#[tokio::test]
+async fn last_event_id_resumes_over_websocket_and_unknown_ids_reset() {
+    let hub = TestHub::spawn().await;
+    let first = hub.publish("a", "1").await;
+    hub.publish("a", "2").await;
+    let mut ws = hub.ws(&format!("?channel=a&lastEventId={first}")).await;
+    assert_eq!(ws.next_json().await["data"], "2");
+    ws.send_json(json!({"type": "subscribe", "channel": "b", "lastEventId": "nonsense"})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "b"}));
+    let reset = ws.next_json().await;
+    assert_eq!(reset["type"], "reset");
+    assert_eq!(reset["channel"], "b");
+    assert!(reset["reason"].is_string());
+}
+
+#[tokio::test]
+async fn bad_upgrade_requests_are_refused_before_the_upgrade() {
+    let hub = TestHub::spawn().await;
+    let r = hub.http.get(hub.url("/ws?channel=a")).send().await.unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
+    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws?channel=bad%20name", hub.addr)).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed() {
+    let mut c = config();
+    c.heartbeat = Duration::from_millis(50);
+    let hub = TestHub::with(c).await;
+    let ws = hub.ws("?channel=a").await;
+    // Not reading means not answering pings: the hub must let go.
+    crate::support::eventually(|| async { hub.status().await["connections"] == 0 }).await;
+    drop(ws);
+}
+
+#[tokio::test]
+async fn a_reading_peer_is_pinged_and_stays_connected() {
+    let mut c = config();
+    c.heartbeat = Duration::from_millis(50);
+    let hub = TestHub::with(c).await;
+    let mut ws = hub.ws("?channel=a").await;
+    let mut pings = 0;
+    while pings < 4 {
+        match tokio::time::timeout(crate::support::WAIT, futures_util::StreamExt::next(&mut ws.socket)).await.unwrap() {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    hub.publish("a", "alive").await;
+    assert_eq!(ws.next_json().await["data"], "alive");
+}
