@@ -96,7 +96,8 @@ impl App {
         let app = http::router(state).into_make_service_with_connect_info::<Peer>();
         let listener = http::Listener::new(listener, config.write_timeout);
         tracing::info!(%addr, node = %config.node_name, "herald is listening");
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grace = config.shutdown_grace;
         // The server future ends only after every connection has closed;
         // streams end themselves on the token, but a client that does not

@@ -64,13 +64,23 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_MAX_QUEUED_BYTES", default_value = "1MiB", value_parser = config::parse_size)]
     pub max_queued_bytes: usize,
     /// Require `Authorization: Bearer TOKEN` to publish.
-    #[arg(long, env = "HERALD_PUBLISH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HERALD_PUBLISH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub publish_token: Option<String>,
     /// Allow publishing without a token from any address (default: loopback only).
     #[arg(long, env = "HERALD_ALLOW_ANONYMOUS_PUBLISH")]
     pub allow_anonymous_publish: bool,
     /// Allow these browser origins (comma-separated; `*` for any).
-    #[arg(long, env = "HERALD_CORS_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HERALD_CORS_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
     pub cors_origin: Vec<String>,
     /// Compatibility: `true` allows any origin (sse-cluster).
     #[arg(long, env = "HTTP_SERVER_ENABLE_CORS", hide = true)]
@@ -224,7 +234,10 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         if args.retain {
             body["retain"] = true.into();
         }
-        client.post(format!("{base}/channel/{channel}")).header("content-type", "application/json").body(body.to_string())
+        client
+            .post(format!("{base}/channel/{channel}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
     } else {
         let mut query = vec![];
         if let Some(e) = &args.event {
@@ -236,7 +249,11 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         if args.retain {
             query.push("retain=true".into());
         }
-        let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
         client
             .post(format!("{base}/channel/{channel}{q}"))
             .header("content-type", "text/plain; charset=utf-8")
@@ -246,7 +263,10 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         Some(t) => req.bearer_auth(t),
         None => req,
     };
-    let resp = req.send().await.with_context(|| format!("publishing to {base}"))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("publishing to {base}"))?;
     if !resp.status().is_success() {
         bail!("publish refused: {}", error_message(resp).await);
     }
@@ -296,7 +316,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     }
                     let mut out = stdout.lock();
                     if args.json {
-                        let mut line = serde_json::json!({"id": ev.id, "event": ev.event, "data": ev.data});
+                        let mut line =
+                            serde_json::json!({"id": ev.id, "event": ev.event, "data": ev.data});
                         if let Some(c) = &single {
                             line["channel"] = c.clone().into();
                         }
@@ -336,7 +357,9 @@ fn backoff(retry: Duration, failures: u32) -> Duration {
     }
     let cap = Duration::from_secs(30);
     let exp = retry.saturating_mul(1 << failures.min(10)).min(cap);
-    Duration::from_millis(rand::rng().random_range(0..=u64::try_from(exp.as_millis()).unwrap_or(30_000)))
+    Duration::from_millis(
+        rand::rng().random_range(0..=u64::try_from(exp.as_millis()).unwrap_or(30_000)),
+    )
 }
 
 #[cfg(test)]
@@ -347,7 +370,9 @@ mod tests {
         let mut argv = vec!["herald", "serve"];
         argv.extend(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        let Command::Serve(s) = cli.command else { unreachable!() };
+        let Command::Serve(s) = cli.command else {
+            unreachable!()
+        };
         s.into_config().map_err(|e| e.to_string())
     }
 
@@ -375,10 +400,21 @@ mod tests {
 
     #[test]
     fn units_are_read() {
-        let c = serve(&["--heartbeat", "250ms", "--max-queued-bytes", "2MiB", "--cors-origin", "https://a.example,https://b.example"]).unwrap();
+        let c = serve(&[
+            "--heartbeat",
+            "250ms",
+            "--max-queued-bytes",
+            "2MiB",
+            "--cors-origin",
+            "https://a.example,https://b.example",
+        ])
+        .unwrap();
         assert_eq!(c.heartbeat, Duration::from_millis(250));
         assert_eq!(c.max_queued_bytes, 2 << 20);
-        assert_eq!(c.cors, Cors::Origins(vec!["https://a.example".into(), "https://b.example".into()]));
+        assert_eq!(
+            c.cors,
+            Cors::Origins(vec!["https://a.example".into(), "https://b.example".into()])
+        );
     }
 
     #[test]
@@ -386,6 +422,9 @@ mod tests {
         for f in 0..100 {
             assert!(backoff(Duration::from_secs(2), f) <= Duration::from_secs(30));
         }
-        assert_eq!(backoff(Duration::from_millis(500), 1), Duration::from_millis(500));
+        assert_eq!(
+            backoff(Duration::from_millis(500), 1),
+            Duration::from_millis(500)
+        );
     }
 }

@@ -155,7 +155,11 @@ impl Config {
                 ),
             });
         }
-        if self.publish_token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+        if self
+            .publish_token
+            .as_ref()
+            .is_some_and(|t| t.expose().is_empty())
+        {
             return Err(ConfigError::Invalid {
                 flag: "--publish-token",
                 message: "must not be empty".into(),
@@ -199,9 +203,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a size such as `64KiB`, `1MiB`, `512B`, `1000` (bytes) or `2kB`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let hint = "write a size such as 64KiB, 1MiB or 4096";
     let n: u64 = num
@@ -252,10 +254,20 @@ mod tests {
         let mut c = Config::defaults("127.0.0.1:0".parse().unwrap());
         assert!(c.validate().is_ok());
         c.heartbeat = Duration::ZERO;
-        assert!(c.validate().unwrap_err().to_string().contains("--heartbeat"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--heartbeat")
+        );
         let mut c = Config::defaults("127.0.0.1:0".parse().unwrap());
         c.max_queued_bytes = 10;
-        assert!(c.validate().unwrap_err().to_string().contains("--max-queued-bytes"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-queued-bytes")
+        );
     }
 
     #[test]

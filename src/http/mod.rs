@@ -56,7 +56,10 @@ pub fn router(state: State) -> Router {
     let cors = cors_layer(&state.config.cors);
     let router = Router::new()
         .route("/channel", post(publish::all))
-        .route("/channel/{channel}", get(sse::channel).post(publish::channel))
+        .route(
+            "/channel/{channel}",
+            get(sse::channel).post(publish::channel),
+        )
         .route(
             "/channel/{channel}/client/{client}",
             get(sse::channel_client).post(publish::client),

@@ -18,7 +18,10 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             Json(serde_json::json!({ "status": "draining" })),
         )
     } else {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready" })),
+        )
     }
 }
 

@@ -128,12 +128,12 @@ fn build(
         .map(|e| EventName::parse(&e))
         .transpose()
         .map_err(ApiError::bad_request)?;
-    if let Some(k) = &key {
-        if k.is_empty() || k.len() > MAX_KEY_LEN || k.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(format!(
-                "invalid id: an idempotency key is 1 to {MAX_KEY_LEN} bytes without control characters"
-            )));
-        }
+    if let Some(k) = &key
+        && (k.is_empty() || k.len() > MAX_KEY_LEN || k.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid id: an idempotency key is 1 to {MAX_KEY_LEN} bytes without control characters"
+        )));
     }
     Ok(Publish {
         data,
@@ -207,7 +207,11 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -222,8 +226,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<byte
         return Err(too_large());
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {
             too_large()
@@ -241,7 +244,10 @@ fn authorize(state: &AppState, parts: &Parts) -> Result<(), ApiError> {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         return match given {
             Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => Ok(()),

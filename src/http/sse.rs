@@ -20,7 +20,9 @@ use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, PathParams, State as AppState, channel_list, query_pairs};
-use crate::hub::{Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription};
+use crate::hub::{
+    Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription,
+};
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
 
@@ -108,7 +110,10 @@ fn open(
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     if let Ok(v) = HeaderValue::from_str(client.as_str()) {

@@ -31,7 +31,8 @@ pub(super) async fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     state.check_not_draining()?;
-    let ws = ws.map_err(|e| ApiError::new(e.status(), format!("a WebSocket upgrade is required: {e}")))?;
+    let ws =
+        ws.map_err(|e| ApiError::new(e.status(), format!("a WebSocket upgrade is required: {e}")))?;
     let pairs = query_pairs(query.as_deref());
     for (k, _) in &pairs {
         if k != "channel" && k != "lastEventId" {
@@ -101,7 +102,7 @@ impl Conn {
     async fn run(mut self, socket: WebSocket, initial: Vec<ChannelName>) {
         let _guard = self.state.hub.connection();
         let (mut tx, mut rx) = socket.split();
-        let mut hello = initial.iter().map(|c| subscribed(c)).collect::<Vec<_>>();
+        let mut hello = initial.iter().map(subscribed).collect::<Vec<_>>();
         let mut ok = true;
         for m in hello.drain(..) {
             ok &= tx.feed(m).await.is_ok();
@@ -211,7 +212,11 @@ impl Conn {
                     ))];
                 }
                 let resume = Resume::parse(last_event_id.as_deref());
-                match self.state.hub.subscribe(&channel, &self.client, &self.outbox, &resume) {
+                match self
+                    .state
+                    .hub
+                    .subscribe(&channel, &self.client, &self.outbox, &resume)
+                {
                     Ok(s) => {
                         self.subs.insert(channel.clone(), s);
                         vec![subscribed(&channel)]
@@ -224,7 +229,9 @@ impl Conn {
                     .ok()
                     .and_then(|c| self.subs.remove(&c).map(|_| c));
                 match found {
-                    Some(c) => vec![json_frame(&serde_json::json!({"type": "unsubscribed", "channel": c.as_str()}))],
+                    Some(c) => vec![json_frame(
+                        &serde_json::json!({"type": "unsubscribed", "channel": c.as_str()}),
+                    )],
                     None => vec![error(&format!("not subscribed to {channel:?}"))],
                 }
             }

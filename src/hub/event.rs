@@ -256,7 +256,10 @@ mod tests {
     #[test]
     fn sse_golden_all_fields() {
         let f = sse_frame(Some("0000000000000007"), Some("version"), Some(100), "{}");
-        assert_eq!(&f[..], b"id: 0000000000000007\nevent: version\nretry: 100\ndata: {}\n\n");
+        assert_eq!(
+            &f[..],
+            b"id: 0000000000000007\nevent: version\nretry: 100\ndata: {}\n\n"
+        );
     }
 
     #[test]
@@ -273,7 +276,11 @@ mod tests {
     fn sse_data_cannot_inject_fields_or_frames() {
         let f = frame("x\n\nid: 99\nevent: evil\r\rdata: y");
         // Every line the payload produced starts with "data:".
-        let body = f.strip_prefix("id: 1\n").unwrap().strip_suffix("\n\n").unwrap();
+        let body = f
+            .strip_prefix("id: 1\n")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
         assert!(body.lines().all(|l| l.starts_with("data:")), "{f}");
     }
 
@@ -294,11 +301,28 @@ mod tests {
     #[test]
     fn ws_frames_keep_json_data_as_json_and_text_as_string() {
         let ch = ChannelName::parse("c").unwrap();
-        let json = Event::new(EventId::from_u64(5), ch.clone(), None, Data::Json("{\"a\":[1,2.50]}".into()), None, None);
+        let json = Event::new(
+            EventId::from_u64(5),
+            ch.clone(),
+            None,
+            Data::Json("{\"a\":[1,2.50]}".into()),
+            None,
+            None,
+        );
         let v: serde_json::Value = serde_json::from_slice(json.ws()).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"event","channel":"c","id":"0000000000000005","event":"message","data":{"a":[1,2.5]}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"event","channel":"c","id":"0000000000000005","event":"message","data":{"a":[1,2.5]}})
+        );
         assert!(std::str::from_utf8(json.ws()).unwrap().contains("2.50"));
-        let text = Event::new(EventId::from_u64(5), ch, EventName::parse("x").ok(), Data::Text("say \"hi\"\n".into()), None, None);
+        let text = Event::new(
+            EventId::from_u64(5),
+            ch,
+            EventName::parse("x").ok(),
+            Data::Text("say \"hi\"\n".into()),
+            None,
+            None,
+        );
         let v: serde_json::Value = serde_json::from_slice(text.ws()).unwrap();
         assert_eq!(v["data"], "say \"hi\"\n");
         assert_eq!(v["event"], "x");
@@ -307,14 +331,67 @@ mod tests {
     #[test]
     fn default_event_name_is_left_out_of_sse() {
         let ch = ChannelName::parse("c").unwrap();
-        let e = Event::new(EventId::from_u64(1), ch, EventName::parse("message").ok(), Data::Text("x".into()), None, None);
+        let e = Event::new(
+            EventId::from_u64(1),
+            ch,
+            EventName::parse("message").ok(),
+            Data::Text("x".into()),
+            None,
+            None,
+        );
         assert_eq!(&e.sse()[..], b"id: 0000000000000001\ndata: x\n\n");
         assert!(std::ptr::eq(e.sse(), e.sse()), "encoded once");
     }
 
     #[test]
     fn compact_json_strips_whitespace_outside_strings_only() {
-        assert_eq!(compact_json("{ \"a b\" : [ 1 ,\n 2.0e3 ] ,\"c\":\"x \\\" y\" }"), "{\"a b\":[1,2.0e3],\"c\":\"x \\\" y\"}");
+        assert_eq!(
+            compact_json("{ \"a b\" : [ 1 ,\n 2.0e3 ] ,\"c\":\"x \\\" y\" }"),
+            "{\"a b\":[1,2.0e3],\"c\":\"x \\\" y\"}"
+        );
         assert_eq!(compact_json("\"\\\\\" "), "\"\\\\\"");
+    }
+}
+
+#[cfg(test)]
+mod roundtrip {
+    use futures_util::StreamExt;
+    use proptest::prelude::*;
+
+    use super::sse_frame;
+
+    /// Parses SSE bytes with an independent parser (the one `herald
+    /// subscribe` uses) into (id, event, data) triples.
+    fn parse(bytes: &[u8]) -> Vec<(String, String, String)> {
+        let chunks = vec![Ok::<_, std::convert::Infallible>(
+            bytes::Bytes::copy_from_slice(bytes),
+        )];
+        let stream = eventsource_stream::EventStream::new(futures_util::stream::iter(chunks));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(stream.collect::<Vec<_>>())
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.id, e.event, e.data)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_data_and_event_name_survive_framing(
+            data in "(?s).{1,200}",
+            event in "[^\r\n]{1,40}",
+        ) {
+            let frame = sse_frame(Some("0000000000000042"), Some(&event), None, &data);
+            let expected = data.replace("\r\n", "\n").replace('\r', "\n");
+            let got = parse(&frame);
+            prop_assert_eq!(got.len(), 1, "one frame, one event: {:?}", frame);
+            prop_assert_eq!(&got[0].0, "0000000000000042");
+            prop_assert_eq!(&got[0].1, &event);
+            prop_assert_eq!(&got[0].2, &expected);
+        }
     }
 }

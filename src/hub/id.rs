@@ -169,7 +169,10 @@ mod tests {
                 std::thread::spawn(move || (0..10_000).map(|_| ids.next()).collect::<Vec<_>>())
             })
             .collect();
-        let mut all: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let mut all: Vec<_> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let n = all.len();
         all.sort();
         all.dedup();

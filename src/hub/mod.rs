@@ -160,10 +160,10 @@ impl ChannelState {
     fn evict_front(&mut self) {
         if let Some(ev) = self.history.pop_front() {
             self.lost_upto = self.lost_upto.max(ev.id);
-            if let Some(k) = &ev.key {
-                if self.keys.get(k) == Some(&ev.id) {
-                    self.keys.remove(k);
-                }
+            if let Some(k) = &ev.key
+                && self.keys.get(k) == Some(&ev.id)
+            {
+                self.keys.remove(k);
             }
         }
     }
@@ -217,10 +217,10 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let idle = {
             let mut st = self.channel.state.lock();
-            if let Some(sub) = st.subscribers.try_remove(self.key) {
-                if st.clients.get(&sub.client) == Some(&self.key) {
-                    st.clients.remove(&sub.client);
-                }
+            if let Some(sub) = st.subscribers.try_remove(self.key)
+                && st.clients.get(&sub.client) == Some(&self.key)
+            {
+                st.clients.remove(&sub.client);
             }
             if st.subscribers.is_empty() && st.subscribers.capacity() > 16 {
                 st.subscribers.shrink_to_fit();
@@ -467,7 +467,14 @@ impl Hub {
             .and_then(|k| st.subscribers.get(*k))
             .ok_or_else(not_found)?;
         let id = self.ids.next();
-        let ev = Arc::new(Event::new(id, channel.clone(), p.event, p.data, p.retry, None));
+        let ev = Arc::new(Event::new(
+            id,
+            channel.clone(),
+            p.event,
+            p.data,
+            p.retry,
+            None,
+        ));
         self.fan_out(std::iter::once(&sub.outbox), &ev);
         self.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published {
@@ -505,7 +512,11 @@ impl Hub {
                         self.reset(st, channel, Some(*after), reason)
                     } else {
                         let start = st.history.partition_point(|e| e.id <= *after);
-                        st.history.range(start..).cloned().map(Item::Event).collect()
+                        st.history
+                            .range(start..)
+                            .cloned()
+                            .map(Item::Event)
+                            .collect()
                     }
                 }
                 Resume::Unknown(_) => {

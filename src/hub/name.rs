@@ -10,12 +10,12 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidName {
     /// The channel name is empty, too long or has a character outside the set.
-    #[error(
-        "invalid channel name {0:?}: use 1 to 200 characters of A-Z a-z 0-9 _ . : @ = -"
-    )]
+    #[error("invalid channel name {0:?}: use 1 to 200 characters of A-Z a-z 0-9 _ . : @ = -")]
     Channel(String),
     /// The event name is empty, too long, has a line break or is reserved.
-    #[error("invalid event name {0:?}: use 1 to 128 characters without line breaks, not starting with \"herald.\" (reserved for the hub)")]
+    #[error(
+        "invalid event name {0:?}: use 1 to 128 characters without line breaks, not starting with \"herald.\" (reserved for the hub)"
+    )]
     Event(String),
     /// The client id is empty, too long or has a character outside the set.
     #[error("invalid client id {0:?}: use 1 to 128 characters of A-Z a-z 0-9 _ . -")]
@@ -152,7 +152,12 @@ mod tests {
 
     #[test]
     fn channel_names_accept_the_documented_set_only() {
-        for ok in ["a", "k8s.deployment:ns:web", "user@x=1_2-3", &"x".repeat(200)] {
+        for ok in [
+            "a",
+            "k8s.deployment:ns:web",
+            "user@x=1_2-3",
+            &"x".repeat(200),
+        ] {
             assert!(ChannelName::parse(ok).is_ok(), "{ok}");
         }
         for bad in ["", "a b", "a/b", "ü", "a\n", &"x".repeat(201), "a#b", "a?b"] {

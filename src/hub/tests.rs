@@ -39,7 +39,9 @@ fn drain(o: &Outbox) -> Vec<String> {
 
 fn sub(hub: &Arc<Hub>, c: &str, from: &Resume) -> (Arc<Outbox>, Subscription) {
     let o = hub.outbox();
-    let s = hub.subscribe(&ch(c), &ClientId::generate(), &o, from).unwrap();
+    let s = hub
+        .subscribe(&ch(c), &ClientId::generate(), &o, from)
+        .unwrap();
     (o, s)
 }
 
@@ -56,7 +58,9 @@ fn subscribers_receive_events_of_their_channel_only() {
 #[test]
 fn resume_replays_strictly_after_the_id_then_goes_live() {
     let hub = Hub::new(cfg(10));
-    let ids: Vec<_> = (0..5).map(|i| hub.publish(&ch("a"), text(&i.to_string())).id).collect();
+    let ids: Vec<_> = (0..5)
+        .map(|i| hub.publish(&ch("a"), text(&i.to_string())).id)
+        .collect();
     let (o, _s) = sub(&hub, "a", &Resume::After(ids[1]));
     hub.publish(&ch("a"), text("5"));
     assert_eq!(drain(&o), ["2", "3", "4", "5"]);
@@ -89,7 +93,9 @@ fn an_id_older_than_history_resets_then_replays_everything() {
 #[test]
 fn an_id_at_the_edge_of_history_needs_no_reset() {
     let hub = Hub::new(cfg(3));
-    let ids: Vec<_> = (0..5).map(|i| hub.publish(&ch("a"), text(&i.to_string())).id).collect();
+    let ids: Vec<_> = (0..5)
+        .map(|i| hub.publish(&ch("a"), text(&i.to_string())).id)
+        .collect();
     // 0 and 1 were evicted; a client that saw 1 has missed nothing.
     let (o, _s) = sub(&hub, "a", &Resume::After(ids[1]));
     assert_eq!(drain(&o), ["2", "3", "4"]);
@@ -101,7 +107,7 @@ fn unknown_and_foreign_ids_reset() {
     hub.publish(&ch("a"), text("x"));
     for from in [
         Resume::Unknown("abc".into()),
-        Resume::After(EventId::from_u64(5)),            // before this hub
+        Resume::After(EventId::from_u64(5)), // before this hub
         Resume::After(EventId::from_u64(u64::MAX / 2)), // from the future
     ] {
         let (o, _s) = sub(&hub, "a", &from);
@@ -134,7 +140,11 @@ fn retained_value_survives_history_and_comes_with_a_reset() {
     let (o, _s) = sub(&hub, "a", &Resume::Fresh);
     assert_eq!(drain(&o), ["v1"]);
     let (o, _s) = sub(&hub, "a", &Resume::After(first));
-    assert_eq!(drain(&o), ["reset:a", "1", "2"], "v1 was seen: after {first:?}");
+    assert_eq!(
+        drain(&o),
+        ["reset:a", "1", "2"],
+        "v1 was seen: after {first:?}"
+    );
     let (o, _s) = sub(&hub, "a", &Resume::Unknown("?".into()));
     assert_eq!(drain(&o), ["reset:a", "v1", "1", "2"]);
 }
@@ -148,7 +158,13 @@ fn idempotency_key_acknowledges_the_first_id_and_delivers_once() {
     let first = hub.publish(&ch("a"), p.clone());
     let again = hub.publish(&ch("a"), p.clone());
     assert!(!first.duplicate);
-    assert_eq!(again, Published { id: first.id, duplicate: true });
+    assert_eq!(
+        again,
+        Published {
+            id: first.id,
+            duplicate: true
+        }
+    );
     assert_eq!(drain(&o), ["x"]);
     // Same key, another channel: not a duplicate.
     assert!(!hub.publish(&ch("b"), p).duplicate);
@@ -174,7 +190,10 @@ fn a_client_id_can_connect_once_per_channel() {
         hub.subscribe(&ch("a"), &id, &hub.outbox(), &Resume::Fresh),
         Err(Error::ClientIdTaken { .. })
     ));
-    assert!(hub.subscribe(&ch("b"), &id, &hub.outbox(), &Resume::Fresh).is_ok());
+    assert!(
+        hub.subscribe(&ch("b"), &id, &hub.outbox(), &Resume::Fresh)
+            .is_ok()
+    );
     drop(s);
     assert!(hub.subscribe(&ch("a"), &id, &o, &Resume::Fresh).is_ok());
 }
@@ -271,7 +290,11 @@ fn a_million_short_lived_channels_leave_nothing_behind() {
     }
     assert_eq!(hub.channel_count(), 0);
     hub.sweep();
-    assert!(hub.channels.capacity() < 10_000, "{}", hub.channels.capacity());
+    assert!(
+        hub.channels.capacity() < 10_000,
+        "{}",
+        hub.channels.capacity()
+    );
 }
 
 #[test]
@@ -288,7 +311,9 @@ fn concurrent_publishers_keep_per_channel_order() {
             });
         }
     });
-    let Some(Batch::Items(items)) = o.try_batch() else { panic!() };
+    let Some(Batch::Items(items)) = o.try_batch() else {
+        panic!()
+    };
     assert_eq!(items.len(), 4000);
     let ids: Vec<_> = items
         .iter()

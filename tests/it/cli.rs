@@ -11,13 +11,22 @@ use crate::support::{Proxy, TestHub, WAIT, eventually};
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `herald serve` with these env vars and waits until /healthz answers.
 async fn serve(env: &[(&str, String)], args: &[&str], port: u16) -> Child {
     let mut cmd = Command::new(BIN);
-    cmd.arg("serve").args(args).env_remove("HERALD_LISTEN").stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+    cmd.arg("serve")
+        .args(args)
+        .env_remove("HERALD_LISTEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -25,7 +34,12 @@ async fn serve(env: &[(&str, String)], args: &[&str], port: u16) -> Child {
     let http = crate::support::http();
     eventually(|| {
         let http = http.clone();
-        async move { http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.is_ok_and(|r| r.status() == 200) }
+        async move {
+            http.get(format!("http://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
     })
     .await;
     child
@@ -33,21 +47,53 @@ async fn serve(env: &[(&str, String)], args: &[&str], port: u16) -> Child {
 
 fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 #[tokio::test]
 async fn serve_takes_the_port_from_http_server_port_and_exits_on_sigterm_with_open_streams() {
     let port = free_port();
-    let mut child = serve(&[("HTTP_SERVER_PORT", port.to_string()), ("HERALD_NODE_NAME", "cli-node".into())], &[], port).await;
+    let mut child = serve(
+        &[
+            ("HTTP_SERVER_PORT", port.to_string()),
+            ("HERALD_NODE_NAME", "cli-node".into()),
+        ],
+        &[],
+        port,
+    )
+    .await;
     let http = crate::support::http();
-    let status: serde_json::Value = http.get(format!("http://127.0.0.1:{port}/status")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(status["node"], "cli-node");
-    let streams = futures_util::future::join_all((0..100).map(|_| http.get(format!("http://127.0.0.1:{port}/channel/c")).send())).await;
-    assert!(streams.iter().all(|s| s.as_ref().is_ok_and(|r| r.status() == 200)));
+    let streams = futures_util::future::join_all((0..100).map(|_| {
+        http.get(format!("http://127.0.0.1:{port}/channel/c"))
+            .send()
+    }))
+    .await;
+    assert!(
+        streams
+            .iter()
+            .all(|s| s.as_ref().is_ok_and(|r| r.status() == 200))
+    );
     let started = Instant::now();
     sigterm(&child);
-    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -56,12 +102,20 @@ async fn serve_takes_the_port_from_http_server_port_and_exits_on_sigterm_with_op
 async fn flags_override_env_and_enable_cors_compat_works() {
     let port = free_port();
     let _child = serve(
-        &[("HTTP_SERVER_PORT", "1".into()), ("HTTP_SERVER_ENABLE_CORS", "true".into())],
+        &[
+            ("HTTP_SERVER_PORT", "1".into()),
+            ("HTTP_SERVER_ENABLE_CORS", "true".into()),
+        ],
         &["--listen", &format!("127.0.0.1:{port}")],
         port,
     )
     .await;
-    let r = crate::support::http().get(format!("http://127.0.0.1:{port}/healthz")).header("origin", "https://x.example").send().await.unwrap();
+    let r = crate::support::http()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .header("origin", "https://x.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
 }
 
@@ -69,7 +123,10 @@ async fn flags_override_env_and_enable_cors_compat_works() {
 async fn bad_flags_fail_with_a_message_naming_them() {
     for (args, flag) in [
         (vec!["serve", "--heartbeat", "often"], "--heartbeat"),
-        (vec!["serve", "--max-queued-bytes", "1KiB"], "--max-queued-bytes"),
+        (
+            vec!["serve", "--max-queued-bytes", "1KiB"],
+            "--max-queued-bytes",
+        ),
         (vec!["serve", "--listen", "127.0.0.1:99999"], "--listen"),
     ] {
         let out = Command::new(BIN).args(&args).output().await.unwrap();
@@ -77,7 +134,12 @@ async fn bad_flags_fail_with_a_message_naming_them() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{args:?}: {err}");
     }
-    let out = Command::new(BIN).args(["serve"]).env("HERALD_HISTORY_TTL", "forever").output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["serve"])
+        .env("HERALD_HISTORY_TTL", "forever")
+        .output()
+        .await
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--history-ttl"));
 }
 
@@ -85,19 +147,48 @@ async fn bad_flags_fail_with_a_message_naming_them() {
 async fn publish_prints_the_id_and_reads_stdin() {
     let hub = TestHub::spawn().await;
     let mut sub = hub.sse("/channel/c").await;
-    let out = Command::new(BIN).args(["publish", "--url", &hub.url(""), "--event", "note", "--retain", "c", "hello"]).output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args([
+            "publish",
+            "--url",
+            &hub.url(""),
+            "--event",
+            "note",
+            "--retain",
+            "c",
+            "hello",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let ev = sub.next().await;
-    assert_eq!((ev.id.as_str(), ev.event.as_str(), ev.data.as_str()), (id.as_str(), "note", "hello"));
-    let mut child = Command::new(BIN).args(["publish", "--url", &hub.url(""), "c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    assert_eq!(
+        (ev.id.as_str(), ev.event.as_str(), ev.data.as_str()),
+        (id.as_str(), "note", "hello")
+    );
+    let mut child = Command::new(BIN)
+        .args(["publish", "--url", &hub.url(""), "c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     use tokio::io::AsyncWriteExt;
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"from\nstdin").await.unwrap();
     drop(stdin);
     assert!(child.wait_with_output().await.unwrap().status.success());
     assert_eq!(sub.next_data().await, "from\nstdin");
-    let out = Command::new(BIN).args(["publish", "--url", &hub.url(""), "bad name", "x"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["publish", "--url", &hub.url(""), "bad name", "x"])
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid channel name"));
 }
@@ -107,7 +198,13 @@ async fn subscribe_prints_events_and_resumes_after_a_cut_without_loss_or_repeat(
     let hub = TestHub::spawn().await;
     let proxy = Proxy::start(hub.addr).await;
     let mut child = Command::new(BIN)
-        .args(["subscribe", "--json", "--url", &format!("http://{}", proxy.addr), "c"])
+        .args([
+            "subscribe",
+            "--json",
+            "--url",
+            &format!("http://{}", proxy.addr),
+            "c",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -116,18 +213,45 @@ async fn subscribe_prints_events_and_resumes_after_a_cut_without_loss_or_repeat(
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     eventually(|| async { hub.status().await["channels"]["c"]["subscribers"] == 1 }).await;
     hub.publish("c", "one").await;
-    let next = |l: Option<String>| serde_json::from_str::<serde_json::Value>(&l.expect("output")).unwrap();
-    let first = next(tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap());
-    assert_eq!((first["data"].as_str(), first["channel"].as_str()), (Some("one"), Some("c")));
+    let next =
+        |l: Option<String>| serde_json::from_str::<serde_json::Value>(&l.expect("output")).unwrap();
+    let first = next(
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        (first["data"].as_str(), first["channel"].as_str()),
+        (Some("one"), Some("c"))
+    );
     proxy.cut_all();
     eventually(|| async { hub.status().await["channels"]["c"]["subscribers"] == 0 }).await;
     hub.publish("c", "two").await;
     hub.publish("c", "three").await;
-    let second = next(tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap());
-    let third = next(tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap());
-    assert_eq!((second["data"].as_str(), third["data"].as_str()), (Some("two"), Some("three")));
+    let second = next(
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let third = next(
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        (second["data"].as_str(), third["data"].as_str()),
+        (Some("two"), Some("three"))
+    );
     hub.publish("c", "four").await;
-    let fourth = next(tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap());
+    let fourth = next(
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
     assert_eq!(fourth["data"], "four");
 }
 
@@ -137,12 +261,27 @@ async fn subscribe_count_exits_after_n_events_and_bad_channels_fail() {
     hub.publish("c", "old").await;
     let id = hub.publish("c", "kept").await;
     let _ = id;
-    let out = Command::new(BIN).args(["subscribe", "--url", &hub.url(""), "--last-event-id", "garbage", "--count", "2", "c"]).output();
+    let out = Command::new(BIN)
+        .args([
+            "subscribe",
+            "--url",
+            &hub.url(""),
+            "--last-event-id",
+            "garbage",
+            "--count",
+            "2",
+            "c",
+        ])
+        .output();
     let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "old\nkept\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("reset"));
-    let out = Command::new(BIN).args(["subscribe", "--url", &hub.url(""), "no spaces"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["subscribe", "--url", &hub.url(""), "no spaces"])
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid channel name"));
 }

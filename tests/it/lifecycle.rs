@@ -11,15 +11,34 @@ use crate::support::{TestHub, config};
 #[tokio::test]
 async fn health_ready_and_status() {
     let hub = TestHub::spawn().await;
-    assert_eq!(hub.http.get(hub.url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(hub.http.get(hub.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        hub.http
+            .get(hub.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        hub.http
+            .get(hub.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let _sub = hub.sse("/channel/c").await;
     hub.publish("c", "x").await;
     let s = hub.status().await;
     assert!(s["node"].is_string());
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(s["connections"], 1);
-    assert_eq!(s["channels"]["c"], serde_json::json!({"subscribers": 1, "history": 1, "retained": false}));
+    assert_eq!(
+        s["channels"]["c"],
+        serde_json::json!({"subscribers": 1, "history": 1, "retained": false})
+    );
 }
 
 #[tokio::test]
@@ -31,7 +50,8 @@ async fn a_channel_leaves_status_when_its_last_subscriber_goes_and_nothing_is_ke
     let sub = hub.sse("/channel/gone").await;
     assert_eq!(hub.status().await["channels"]["gone"]["subscribers"], 1);
     drop(sub);
-    crate::support::eventually(|| async { hub.status().await["channels"].get("gone").is_none() }).await;
+    crate::support::eventually(|| async { hub.status().await["channels"].get("gone").is_none() })
+        .await;
 }
 
 #[tokio::test]
@@ -45,18 +65,30 @@ async fn draining_answers_503_on_readyz_and_new_subscriptions() {
     };
     state.shutdown.cancel();
     let router = herald::http::router(state);
-    let r = router.clone().oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap();
+    let r = router
+        .clone()
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
-    let r = router.clone().oneshot(Request::get("/channel/c").body(Body::empty()).unwrap()).await.unwrap();
+    let r = router
+        .clone()
+        .oneshot(Request::get("/channel/c").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
-    let r = router.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+    let r = router
+        .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "still alive while draining");
 }
 
 #[tokio::test]
 async fn shutdown_ends_open_streams_and_websockets_and_refuses_new_connections() {
     let mut hub = TestHub::spawn().await;
-    let mut sse: Vec<_> = futures_util::future::join_all((0..50).map(|_| hub.sse("/channel/c"))).await;
+    let mut sse: Vec<_> =
+        futures_util::future::join_all((0..50).map(|_| hub.sse("/channel/c"))).await;
     let mut ws = hub.ws("?channel=c").await;
     let addr = hub.addr;
     let started = Instant::now();
@@ -65,19 +97,36 @@ async fn shutdown_ends_open_streams_and_websockets_and_refuses_new_connections()
         s.ends().await;
     }
     assert_eq!(ws.close_code().await, 1012);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
 }
 
 #[tokio::test]
 async fn shutdown_with_thousands_of_streams_finishes_well_within_the_grace() {
     let mut hub = TestHub::spawn().await;
-    let opens = (0..3000).map(|i| hub.sse(if i % 2 == 0 { "/channel/a" } else { "/events?stream=a&stream=b" }));
+    let opens = (0..3000).map(|i| {
+        hub.sse(if i % 2 == 0 {
+            "/channel/a"
+        } else {
+            "/events?stream=a&stream=b"
+        })
+    });
     let streams = futures_util::future::join_all(opens).await;
     assert_eq!(hub.status().await["connections"], 3000);
     let started = Instant::now();
     hub.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     drop(streams);
 }
 
@@ -92,7 +141,9 @@ async fn a_client_that_never_reads_cannot_hold_shutdown_past_the_grace() {
         sock.set_recv_buffer_size(4096).unwrap();
         let mut s = sock.connect(hub.addr).await.unwrap();
         use tokio::io::AsyncWriteExt;
-        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         crate::support::read_until(&mut s, "retry: 2000\n\n").await;
         s
     };

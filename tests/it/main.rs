@@ -1,5 +1,8 @@
 //! herald's integration tests: real servers on 127.0.0.1:0, real clients.
 
+// Helpers outside #[test] functions unwrap too: a failure is a test failure.
+#![allow(clippy::unwrap_used, missing_docs)]
+
 mod cli;
 mod lifecycle;
 mod publish;

@@ -11,7 +11,10 @@ async fn headers_and_retry_arrive_before_any_event() {
     let got = read_until(&mut s, "retry: 2000\n\n").await;
     let lower = got.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{got}");
-    assert!(lower.contains("content-type: text/event-stream\r\n"), "{got}");
+    assert!(
+        lower.contains("content-type: text/event-stream\r\n"),
+        "{got}"
+    );
     assert!(lower.contains("cache-control: no-cache\r\n"), "{got}");
     assert!(lower.contains("x-accel-buffering: no\r\n"), "{got}");
     assert!(lower.contains("herald-client-id: "), "{got}");
@@ -33,7 +36,10 @@ async fn subscriber_receives_what_is_published_after_its_200() {
     let mut sub = hub.sse("/channel/news").await;
     let id = hub.publish("news", "hello").await;
     let ev = sub.next().await;
-    assert_eq!((ev.id.as_str(), ev.event.as_str(), ev.data.as_str()), (id.as_str(), "message", "hello"));
+    assert_eq!(
+        (ev.id.as_str(), ev.event.as_str(), ev.data.as_str()),
+        (id.as_str(), "message", "hello")
+    );
 }
 
 #[tokio::test]
@@ -53,18 +59,39 @@ async fn json_data_is_compact_json_strings_are_text_and_names_are_framed() {
     let mut sub = hub.sse("/channel/c").await;
     let raw = r#"{"data": {"a": [1, 2.50],
         "b": "x y"}, "event": "version"}"#;
-    let r = hub.http.post(hub.url("/channel/c")).header("content-type", "application/json").body(raw).send().await.unwrap();
+    let r = hub
+        .http
+        .post(hub.url("/channel/c"))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let ev = sub.next().await;
-    assert_eq!((ev.event.as_str(), ev.data.as_str()), ("version", r#"{"a":[1,2.50],"b":"x y"}"#));
-    hub.publish_json("/channel/c", serde_json::json!({"data": "plain \"text\"\nline2"})).await;
+    assert_eq!(
+        (ev.event.as_str(), ev.data.as_str()),
+        ("version", r#"{"a":[1,2.50],"b":"x y"}"#)
+    );
+    hub.publish_json(
+        "/channel/c",
+        serde_json::json!({"data": "plain \"text\"\nline2"}),
+    )
+    .await;
     assert_eq!(sub.next_data().await, "plain \"text\"\nline2");
     // A publisher's retry reaches the frame.
     let mut raw = raw_get(hub.addr, "/channel/d", "").await;
     read_until(&mut raw, "retry: 2000\n\n").await;
-    hub.publish_json("/channel/d", serde_json::json!({"data": 1, "retry": 5000, "event": "e"})).await;
+    hub.publish_json(
+        "/channel/d",
+        serde_json::json!({"data": 1, "retry": 5000, "event": "e"}),
+    )
+    .await;
     let got = read_until(&mut raw, "data: 1\n\n").await;
-    assert!(got.contains("event: e\nretry: 5000\ndata: 1\n\n"), "{got:?}");
+    assert!(
+        got.contains("event: e\nretry: 5000\ndata: 1\n\n"),
+        "{got:?}"
+    );
 }
 
 #[tokio::test]
@@ -99,7 +126,10 @@ async fn events_without_a_stream_is_refused_with_the_documented_message() {
         let v: serde_json::Value = resp.json().await.unwrap();
         assert!(v["error"].is_string(), "{path}");
         if path != "/events?stream=bad%20name" {
-            assert_eq!(v["error"], "a stream name is required as part of the query parameters");
+            assert_eq!(
+                v["error"],
+                "a stream name is required as part of the query parameters"
+            );
         }
     }
 }
@@ -108,11 +138,19 @@ async fn events_without_a_stream_is_refused_with_the_documented_message() {
 async fn bad_channel_and_client_names_are_refused() {
     let hub = TestHub::spawn().await;
     let long = "x".repeat(201);
-    for path in ["/channel/a%20b", &format!("/channel/{long}"), "/channel/a/client/b:c", "/channel/%FF"] {
+    for path in [
+        "/channel/a%20b",
+        &format!("/channel/{long}"),
+        "/channel/a/client/b:c",
+        "/channel/%FF",
+    ] {
         let resp = hub.http.get(hub.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 400, "{path}");
         let v: serde_json::Value = resp.json().await.unwrap();
-        assert!(v["error"].as_str().unwrap().contains("invalid"), "{path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("invalid"),
+            "{path}: {v}"
+        );
     }
 }
 
@@ -123,7 +161,12 @@ async fn chosen_client_ids_are_unique_per_channel_and_generated_ones_are_returne
     let hub = TestHub::with(c).await;
     let sub = hub.sse("/channel/c/client/tab-1").await;
     assert_eq!(sub.headers["herald-client-id"], "tab-1");
-    let again = hub.http.get(hub.url("/channel/c/client/tab-1")).send().await.unwrap();
+    let again = hub
+        .http
+        .get(hub.url("/channel/c/client/tab-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 409);
     let v: serde_json::Value = again.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("already connected"));
@@ -131,8 +174,16 @@ async fn chosen_client_ids_are_unique_per_channel_and_generated_ones_are_returne
     let generated = other.headers["herald-client-id"].to_str().unwrap();
     assert!(!generated.is_empty() && generated != "tab-1");
     drop(sub);
-    crate::support::eventually(|| async { hub.status().await["channels"]["c"]["subscribers"] == 1 }).await;
-    let r = hub.http.get(hub.url("/channel/c/client/tab-1")).send().await.unwrap();
+    crate::support::eventually(|| async {
+        hub.status().await["channels"]["c"]["subscribers"] == 1
+    })
+    .await;
+    let r = hub
+        .http
+        .get(hub.url("/channel/c/client/tab-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "the id is free again");
 }
 
@@ -145,7 +196,10 @@ async fn resume_with_last_event_id_has_no_gap_and_no_duplicate() {
     }
     let mut sub = hub.sse_with("/channel/c", Some(&ids[2])).await;
     hub.publish("c", "5").await;
-    let got: Vec<String> = [sub.next().await, sub.next().await, sub.next().await].into_iter().map(|e| e.data).collect();
+    let got: Vec<String> = [sub.next().await, sub.next().await, sub.next().await]
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
     assert_eq!(got, ["3", "4", "5"]);
     // The query parameter works the same (EventSource cannot set headers on a first connect).
     let mut q = hub.sse(&format!("/channel/c?lastEventId={}", ids[3])).await;
@@ -171,7 +225,11 @@ async fn a_resume_through_a_cut_connection_loses_and_repeats_nothing() {
     let hub = TestHub::spawn().await;
     let proxy = crate::support::Proxy::start(hub.addr).await;
     let http = crate::support::http();
-    let resp = http.get(format!("http://{}/channel/c", proxy.addr)).send().await.unwrap();
+    let resp = http
+        .get(format!("http://{}/channel/c", proxy.addr))
+        .send()
+        .await
+        .unwrap();
     let mut sub = crate::support::Sse::from_response(resp);
     hub.publish("c", "before").await;
     let seen = sub.next().await;
@@ -188,7 +246,15 @@ async fn a_resume_through_a_cut_connection_loses_and_repeats_nothing() {
         .unwrap();
     let mut sub = crate::support::Sse::from_response(resp);
     hub.publish("c", "after").await;
-    let got: Vec<String> = [sub.next().await, sub.next().await, sub.next().await, sub.next().await].into_iter().map(|e| e.data).collect();
+    let got: Vec<String> = [
+        sub.next().await,
+        sub.next().await,
+        sub.next().await,
+        sub.next().await,
+    ]
+    .into_iter()
+    .map(|e| e.data)
+    .collect();
     assert_eq!(got, ["during 0", "during 1", "during 2", "after"]);
 }
 
@@ -217,7 +283,13 @@ async fn unknown_or_expired_ids_get_a_reset_then_everything_retained() {
 #[tokio::test]
 async fn a_retained_value_is_sent_first_to_new_subscribers() {
     let hub = TestHub::spawn().await;
-    let resp = hub.http.post(hub.url("/channel/v?retain=true&event=version")).body("v1").send().await.unwrap();
+    let resp = hub
+        .http
+        .post(hub.url("/channel/v?retain=true&event=version"))
+        .body("v1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 202);
     hub.publish("v", "not retained").await;
     let mut sub = hub.sse("/channel/v").await;
@@ -240,7 +312,12 @@ async fn a_thousand_subscribers_each_receive_a_burst_of_a_hundred_in_order() {
     let publisher = hub.http.clone();
     let url = hub.url("/channel/burst");
     for i in 0..100 {
-        let r = publisher.post(&url).body(i.to_string()).send().await.unwrap();
+        let r = publisher
+            .post(&url)
+            .body(i.to_string())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
     let readers = subs.into_iter().map(|mut s| async move {
@@ -264,7 +341,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() 
         sock.set_recv_buffer_size(4096).unwrap();
         let mut s = sock.connect(hub.addr).await.unwrap();
         use tokio::io::AsyncWriteExt;
-        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         read_until(&mut s, "retry: 2000\n\n").await;
         s
     };
@@ -279,7 +358,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() 
     for _ in 0..400 {
         hub.publish("flood", &payload).await;
     }
-    let _fast = tokio::time::timeout(crate::support::WAIT, reader).await.unwrap().unwrap();
+    let _fast = tokio::time::timeout(crate::support::WAIT, reader)
+        .await
+        .unwrap()
+        .unwrap();
     let status = hub.status().await;
     assert_eq!(status["slow_consumers_disconnected"], 1, "{status}");
     assert_eq!(status["channels"]["flood"]["subscribers"], 1, "{status}");
@@ -289,24 +371,45 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() 
 #[tokio::test]
 async fn cors_is_off_by_default_and_any_origin_when_enabled() {
     let hub = TestHub::spawn().await;
-    let r = hub.http.get(hub.url("/healthz")).header("origin", "https://app.example").send().await.unwrap();
+    let r = hub
+        .http
+        .get(hub.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let mut c = config();
     c.cors = herald::config::Cors::Any;
     let hub = TestHub::with(c).await;
-    let r = hub.http.get(hub.url("/healthz")).header("origin", "https://app.example").send().await.unwrap();
+    let r = hub
+        .http
+        .get(hub.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
     let pre = hub
         .http
         .request(reqwest::Method::OPTIONS, hub.url("/channel/c"))
         .header("origin", "https://app.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type,authorization")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization",
+        )
         .send()
         .await
         .unwrap();
     assert!(pre.status().is_success(), "{}", pre.status());
     assert_eq!(pre.headers()["access-control-allow-origin"], "*");
-    let allowed = pre.headers()["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
-    assert!(allowed.contains("content-type") && allowed.contains("authorization"), "{allowed}");
+    let allowed = pre.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.contains("content-type") && allowed.contains("authorization"),
+        "{allowed}"
+    );
 }

@@ -72,7 +72,11 @@ impl TestHub {
     }
 
     /// Publishes a JSON envelope; returns status and body.
-    pub async fn publish_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    pub async fn publish_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
         let resp = self
             .http
             .post(self.url(path))
@@ -95,7 +99,10 @@ impl TestHub {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
-        let resp = tokio::time::timeout(WAIT, req.send()).await.unwrap().unwrap();
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         Sse::new(resp)
     }
@@ -121,7 +128,14 @@ impl TestHub {
     }
 
     pub async fn status(&self) -> serde_json::Value {
-        self.http.get(self.url("/status")).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 }
 
@@ -218,7 +232,10 @@ impl Ws {
     }
 
     pub async fn send_json(&mut self, v: serde_json::Value) {
-        self.socket.send(Message::text(v.to_string())).await.unwrap();
+        self.socket
+            .send(Message::text(v.to_string()))
+            .await
+            .unwrap();
     }
 
     /// Waits for a close frame and returns its code.
@@ -247,11 +264,15 @@ impl Proxy {
         let cut_rx = cut.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut cut_rx = cut_rx.clone();
                 cut_rx.mark_unchanged();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut_rx.changed() => {}
@@ -280,9 +301,18 @@ pub async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
         }
         let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
             .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {needle:?}; got {:?}", String::from_utf8_lossy(&buf)))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {needle:?}; got {:?}",
+                    String::from_utf8_lossy(&buf)
+                )
+            })
             .unwrap();
-        assert!(n > 0, "closed before {needle:?}; got {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "closed before {needle:?}; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -306,7 +336,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition never held");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

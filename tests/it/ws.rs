@@ -13,26 +13,50 @@ async fn subscribed_then_events_with_json_data_kept_as_json() {
     let hub = TestHub::spawn().await;
     let mut ws = hub.ws("?channel=a&channel=b").await;
     let id = hub.publish("a", "text").await;
-    assert_eq!(ws.next_json().await, json!({"type": "event", "channel": "a", "id": id, "event": "message", "data": "text"}));
-    let (_, v) = hub.publish_json("/channel/b", json!({"data": {"n": [1, 2]}, "event": "e"})).await;
-    assert_eq!(ws.next_json().await, json!({"type": "event", "channel": "b", "id": v["id"], "event": "e", "data": {"n": [1, 2]}}));
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "event", "channel": "a", "id": id, "event": "message", "data": "text"})
+    );
+    let (_, v) = hub
+        .publish_json("/channel/b", json!({"data": {"n": [1, 2]}, "event": "e"}))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "event", "channel": "b", "id": v["id"], "event": "e", "data": {"n": [1, 2]}})
+    );
 }
 
 #[tokio::test]
 async fn clients_subscribe_and_unsubscribe_by_message() {
     let hub = TestHub::spawn().await;
     let mut ws = hub.ws("").await;
-    ws.send_json(json!({"type": "subscribe", "channel": "x"})).await;
-    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "x"}));
+    ws.send_json(json!({"type": "subscribe", "channel": "x"}))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "subscribed", "channel": "x"})
+    );
     hub.publish("x", "1").await;
     assert_eq!(ws.next_json().await["data"], "1");
-    ws.send_json(json!({"type": "unsubscribe", "channel": "x"})).await;
-    assert_eq!(ws.next_json().await, json!({"type": "unsubscribed", "channel": "x"}));
+    ws.send_json(json!({"type": "unsubscribe", "channel": "x"}))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "unsubscribed", "channel": "x"})
+    );
     hub.publish("x", "2").await;
-    ws.send_json(json!({"type": "subscribe", "channel": "y"})).await;
-    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "y"}));
+    ws.send_json(json!({"type": "subscribe", "channel": "y"}))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "subscribed", "channel": "y"})
+    );
     hub.publish("y", "3").await;
-    assert_eq!(ws.next_json().await["data"], "3", "nothing from x after unsubscribing");
+    assert_eq!(
+        ws.next_json().await["data"],
+        "3",
+        "nothing from x after unsubscribing"
+    );
 }
 
 #[tokio::test]
@@ -61,7 +85,10 @@ async fn malformed_messages_get_an_error_frame_and_the_connection_stays_open() {
 async fn binary_frames_close_with_1003() {
     let hub = TestHub::spawn().await;
     let mut ws = hub.ws("?channel=a").await;
-    ws.socket.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    ws.socket
+        .send(Message::binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
     assert_eq!(ws.close_code().await, 1003);
 }
 
@@ -69,7 +96,10 @@ async fn binary_frames_close_with_1003() {
 async fn oversize_frames_close_with_1009() {
     let hub = TestHub::spawn().await;
     let mut ws = hub.ws("?channel=a").await;
-    ws.socket.send(Message::text("x".repeat(100 * 1024))).await.unwrap();
+    ws.socket
+        .send(Message::text("x".repeat(100 * 1024)))
+        .await
+        .unwrap();
     assert_eq!(ws.close_code().await, 1009);
 }
 
@@ -80,8 +110,12 @@ async fn last_event_id_resumes_over_websocket_and_unknown_ids_reset() {
     hub.publish("a", "2").await;
     let mut ws = hub.ws(&format!("?channel=a&lastEventId={first}")).await;
     assert_eq!(ws.next_json().await["data"], "2");
-    ws.send_json(json!({"type": "subscribe", "channel": "b", "lastEventId": "nonsense"})).await;
-    assert_eq!(ws.next_json().await, json!({"type": "subscribed", "channel": "b"}));
+    ws.send_json(json!({"type": "subscribe", "channel": "b", "lastEventId": "nonsense"}))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "subscribed", "channel": "b"})
+    );
     let reset = ws.next_json().await;
     assert_eq!(reset["type"], "reset");
     assert_eq!(reset["channel"], "b");
@@ -94,7 +128,9 @@ async fn bad_upgrade_requests_are_refused_before_the_upgrade() {
     let r = hub.http.get(hub.url("/ws?channel=a")).send().await.unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
     assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
-    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws?channel=bad%20name", hub.addr)).await.unwrap_err();
+    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws?channel=bad%20name", hub.addr))
+        .await
+        .unwrap_err();
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400),
         other => panic!("{other:?}"),
@@ -120,7 +156,13 @@ async fn a_reading_peer_is_pinged_and_stays_connected() {
     let mut ws = hub.ws("?channel=a").await;
     let mut pings = 0;
     while pings < 4 {
-        match tokio::time::timeout(crate::support::WAIT, futures_util::StreamExt::next(&mut ws.socket)).await.unwrap() {
+        match tokio::time::timeout(
+            crate::support::WAIT,
+            futures_util::StreamExt::next(&mut ws.socket),
+        )
+        .await
+        .unwrap()
+        {
             Some(Ok(Message::Ping(_))) => pings += 1,
             other => panic!("{other:?}"),
         }
