@@ -395,3 +395,43 @@ mod roundtrip {
         }
     }
 }
+
+#[cfg(test)]
+mod compact {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::compact_json;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "(?s).{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::hash_map("(?s).{0,10}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn compacting_keeps_the_value_and_drops_all_outer_whitespace(v in json()) {
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let compact = compact_json(&pretty);
+            prop_assert_eq!(&compact, &serde_json::to_string(&v).unwrap());
+            // Same parser on both sides (its float parsing is not exact).
+            let back: Value = serde_json::from_str(&compact).unwrap();
+            let original: Value = serde_json::from_str(&pretty).unwrap();
+            prop_assert_eq!(back, original);
+        }
+    }
+}

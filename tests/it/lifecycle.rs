@@ -157,3 +157,20 @@ async fn a_client_that_never_reads_cannot_hold_shutdown_past_the_grace() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     drop(stalled);
 }
+
+#[tokio::test]
+async fn ids_issued_after_a_restart_are_above_every_id_issued_before() {
+    let mut before = TestHub::spawn().await;
+    let mut last = String::new();
+    for i in 0..100 {
+        last = before.publish("c", &i.to_string()).await;
+    }
+    before.stop().await;
+    let after = TestHub::spawn().await;
+    let first = after.publish("c", "new").await;
+    assert!(first > last, "{first} <= {last}");
+    // An id from the previous process is unknown here: reset, not silence.
+    let mut sub = after.sse_with("/channel/c", Some(&last)).await;
+    assert_eq!(sub.next().await.event, "herald.reset");
+    assert_eq!(sub.next_data().await, "new");
+}
