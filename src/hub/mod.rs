@@ -373,17 +373,11 @@ impl Hub {
                 };
             }
             st.expire(now, self.config.history_ttl);
-            let id = self.ids.next();
-            let ev = Arc::new(Event::new(
-                id,
-                channel.clone(),
-                p.event,
-                p.data,
-                p.retry,
-                p.key,
-            ));
+            let retain = p.retain;
+            let ev = self.event(channel, p);
+            let id = ev.id;
             self.fan_out(st.subscribers.iter().map(|(_, s)| &s.outbox), &ev);
-            if p.retain {
+            if retain {
                 st.retained = Some(ev.clone());
             }
             if self.config.history_size == 0 {
@@ -409,6 +403,19 @@ impl Hub {
             self.maybe_free(&ch);
         }
         published
+    }
+
+    /// Makes the event for a publish, with the next id. Call it under the
+    /// channel's lock so ids and queue order agree.
+    fn event(&self, channel: &ChannelName, p: Publish) -> SharedEvent {
+        Arc::new(Event::new(
+            self.ids.next(),
+            channel.clone(),
+            p.event,
+            p.data,
+            p.retry,
+            p.key,
+        ))
     }
 
     fn fan_out<'a>(&self, outboxes: impl Iterator<Item = &'a Arc<Outbox>>, ev: &SharedEvent) {
@@ -466,19 +473,11 @@ impl Hub {
             .get(client)
             .and_then(|k| st.subscribers.get(*k))
             .ok_or_else(not_found)?;
-        let id = self.ids.next();
-        let ev = Arc::new(Event::new(
-            id,
-            channel.clone(),
-            p.event,
-            p.data,
-            p.retry,
-            None,
-        ));
+        let ev = self.event(channel, Publish { key: None, ..p });
         self.fan_out(std::iter::once(&sub.outbox), &ev);
         self.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published {
-            id,
+            id: ev.id,
             duplicate: false,
         })
     }

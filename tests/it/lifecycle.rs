@@ -136,17 +136,7 @@ async fn a_client_that_never_reads_cannot_hold_shutdown_past_the_grace() {
     c.shutdown_grace = Duration::from_millis(500);
     c.write_timeout = Duration::from_secs(60);
     let mut hub = TestHub::with(c).await;
-    let stalled = {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let mut s = sock.connect(hub.addr).await.unwrap();
-        use tokio::io::AsyncWriteExt;
-        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        crate::support::read_until(&mut s, "retry: 2000\n\n").await;
-        s
-    };
+    let stalled = crate::support::stalled_subscriber(hub.addr, "/channel/flood").await;
     let payload = "y".repeat(60_000);
     for _ in 0..20 {
         hub.publish("flood", &payload).await;

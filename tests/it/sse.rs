@@ -335,18 +335,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() 
     c.max_queued_bytes = 256 * 1024;
     c.write_timeout = Duration::from_millis(500);
     let hub = TestHub::with(c).await;
-    // The stalled client: a raw socket with a tiny receive buffer that never reads.
-    let stalled = {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let mut s = sock.connect(hub.addr).await.unwrap();
-        use tokio::io::AsyncWriteExt;
-        s.write_all(b"GET /channel/flood HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut s, "retry: 2000\n\n").await;
-        s
-    };
+    let stalled = crate::support::stalled_subscriber(hub.addr, "/channel/flood").await;
     let mut fast = hub.sse("/channel/flood").await;
     let payload = "x".repeat(16 * 1024);
     let reader = tokio::spawn(async move {

@@ -348,3 +348,17 @@ where
 pub fn http() -> reqwest::Client {
     herald::cli::http_client().unwrap()
 }
+
+/// A subscriber that never reads: a raw socket with a tiny receive buffer,
+/// returned once its stream has started.
+pub async fn stalled_subscriber(addr: SocketAddr, path: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s, "retry: 2000\n\n").await;
+    s
+}
