@@ -31,6 +31,20 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print events as they arrive; reconnects and resumes by itself.
     Subscribe(SubscribeArgs),
+    /// Load-test a pub/sub server (herald, nchan, Pushpin) and report.
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Summarize a directory of bench JSON reports (Markdown table, ratios, SVG chart).
+    BenchReport {
+        /// The directory holding the reports.
+        dir: std::path::PathBuf,
+    },
+    /// A bench worker process (started by `herald bench`).
+    #[command(hide = true)]
+    BenchWorker {
+        /// What to do, as JSON.
+        #[arg(long)]
+        spec: String,
+    },
 }
 
 /// Flags of `herald serve`.

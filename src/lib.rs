@@ -6,9 +6,10 @@
 //! [`app`] composes everything and owns the shutdown; [`config`] is the
 //! typed configuration; [`cli`] is the command line (including the
 //! `publish` and `subscribe` clients); [`shutdown`] turns signals into
-//! cancellation.
+//! cancellation; [`bench`] is the load generator (`herald bench`).
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -26,6 +26,21 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Publish(args) => herald::cli::publish(args).await?,
         Command::Subscribe(args) => herald::cli::subscribe(args).await?,
+        Command::Bench(args) => {
+            let report = herald::bench::run(*args).await?;
+            print!(
+                "{}",
+                herald::bench::report::markdown(std::slice::from_ref(&report))
+            );
+            if report.lost > 0 || report.connect_failures > 0 {
+                eprintln!(
+                    "herald bench: {} lost, {} connections failed {:?}",
+                    report.lost, report.connect_failures, report.connect_errors
+                );
+            }
+        }
+        Command::BenchReport { dir } => print!("{}", herald::bench::report::summarize(&dir)?),
+        Command::BenchWorker { spec } => herald::bench::worker(&spec).await?,
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 // Helpers outside #[test] functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod bench;
 mod cli;
 mod lifecycle;
 mod publish;
