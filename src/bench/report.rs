@@ -258,17 +258,19 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(n)
-        .y_label_formatter(&|y| {
-            let i = (*y - 0.5).round();
-            if i >= 0.0 && (i as usize) < labels.len() && (*y - 0.5 - i).abs() < 0.01 {
-                labels[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
+        .y_labels(0)
         .x_desc("ms")
         .draw()?;
+    // Labels drawn at each bar group's centre (axis ticks would not land there).
+    let style = TextStyle::from(("sans-serif", 12).into_font())
+        .pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Right,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+    for (i, label) in labels.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(0.0, i as f64 + 0.5));
+        root.draw(&Text::new(label.clone(), (x - 6, y), style.clone()))?;
+    }
     let colors = [
         RGBColor(120, 170, 220),
         RGBColor(60, 120, 190),
