@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::{self, Peer};
+use crate::http;
 use crate::hub::Hub;
 
 /// Errors that stop a node.
@@ -93,20 +93,18 @@ impl App {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         };
-        let app = http::router(state).into_make_service_with_connect_info::<Peer>();
-        let listener = http::Listener::new(listener, config.write_timeout);
+        let router = http::router(state.clone());
         tracing::info!(%addr, node = %config.node_name, "herald is listening");
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grace = config.shutdown_grace;
-        // The server future ends only after every connection has closed;
-        // streams end themselves on the token, but a client that does not
-        // read can hold its connection open, so the grace period bounds it.
+        // The accept loop stops on the token (closing the listener); every
+        // connection is a tracked task that ends itself on the token too,
+        // but a client that does not read can hold its socket, so the grace
+        // period bounds the wait.
         let served = async {
-            let r = server.await;
+            http::serve(listener, router, state).await;
             tasks.close();
             tasks.wait().await;
-            r
+            Ok::<(), std::io::Error>(())
         };
         tokio::pin!(served);
         let result = tokio::select! {

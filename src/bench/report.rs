@@ -262,11 +262,12 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         .x_desc("ms")
         .draw()?;
     // Labels drawn at each bar group's centre (axis ticks would not land there).
-    let style = TextStyle::from(("sans-serif", 12).into_font())
-        .pos(plotters::style::text_anchor::Pos::new(
+    let style = TextStyle::from(("sans-serif", 12).into_font()).pos(
+        plotters::style::text_anchor::Pos::new(
             plotters::style::text_anchor::HPos::Right,
             plotters::style::text_anchor::VPos::Center,
-        ));
+        ),
+    );
     for (i, label) in labels.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(0.0, i as f64 + 0.5));
         root.draw(&Text::new(label.clone(), (x - 6, y), style.clone()))?;

@@ -4,10 +4,12 @@
 //! into responses. Every error is JSON `{"error": "..."}` with a status
 //! that says whose fault it is.
 
+mod direct;
 mod error;
 mod listener;
 mod ops;
 mod publish;
+mod server;
 mod sse;
 mod ws;
 
@@ -24,7 +26,8 @@ use crate::config::{Config, Cors};
 use crate::hub::{ChannelName, Hub};
 
 pub use error::ApiError;
-pub use listener::{Listener, Peer};
+pub use listener::Peer;
+pub use server::serve;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]

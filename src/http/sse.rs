@@ -24,7 +24,7 @@ use crate::hub::{
     Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription,
 };
 
-const HEARTBEAT: &[u8] = b": ping\n\n";
+pub(super) const HEARTBEAT: &[u8] = b": ping\n\n";
 
 pub(super) async fn channel(
     State(state): State<AppState>,
@@ -80,6 +80,42 @@ pub(super) fn resume_from(headers: &HeaderMap, query: Option<&str>) -> Resume {
     Resume::parse(header.or_else(param).as_deref())
 }
 
+/// A registered SSE subscriber, before it is attached to a transport.
+pub(super) struct Session {
+    pub(super) client: ClientId,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) subs: Vec<Subscription>,
+    pub(super) guard: ConnectionGuard,
+}
+
+/// Validates nothing further: registers `client` (or a generated id) on
+/// every channel, queueing what `resume` asks for.
+pub(super) fn register(
+    state: &AppState,
+    channels: &[ChannelName],
+    client: Option<ClientId>,
+    resume: &Resume,
+) -> Result<Session, ApiError> {
+    state.check_not_draining()?;
+    let client = client.unwrap_or_else(ClientId::generate);
+    let outbox = state.hub.outbox();
+    let subs = channels
+        .iter()
+        .map(|c| state.hub.subscribe(c, &client, &outbox, resume))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Session {
+        client,
+        outbox,
+        subs,
+        guard: state.hub.connection(),
+    })
+}
+
+/// The `retry:` field that opens every stream.
+pub(super) fn prelude(state: &AppState) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", state.config.sse_retry.as_millis()))
+}
+
 fn open(
     state: &AppState,
     channels: Vec<ChannelName>,
@@ -87,22 +123,13 @@ fn open(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    state.check_not_draining()?;
-    let resume = resume_from(headers, query);
-    let client = client.unwrap_or_else(ClientId::generate);
-    let outbox = state.hub.outbox();
-    let subs = channels
-        .iter()
-        .map(|c| state.hub.subscribe(c, &client, &outbox, &resume))
-        .collect::<Result<Vec<_>, _>>()?;
+    let session = register(state, &channels, client, &resume_from(headers, query))?;
+    let client = session.client.clone();
     let conn = Conn {
-        prelude: Some(Bytes::from(format!(
-            "retry: {}\n\n",
-            state.config.sse_retry.as_millis()
-        ))),
-        outbox,
-        _subs: subs,
-        _guard: state.hub.connection(),
+        prelude: Some(prelude(state)),
+        outbox: session.outbox,
+        _subs: session.subs,
+        _guard: session.guard,
         shutdown: state.shutdown.clone(),
         heartbeat: state.config.heartbeat,
     };
@@ -153,7 +180,7 @@ impl Conn {
 }
 
 /// One item is sent as its shared bytes; several are written together.
-fn encode(items: VecDeque<Item>) -> Bytes {
+pub(super) fn encode(items: VecDeque<Item>) -> Bytes {
     let frame = |item: &Item| match item {
         Item::Event(e) => e.sse().clone(),
         Item::Reset(r) => r.sse(),

@@ -58,6 +58,12 @@ pub(super) async fn upgrade(
     }
     let tasks = state.tasks.clone();
     Ok(ws
+        // tungstenite allocates its read buffer up front (128 KiB by
+        // default); client frames are small, so an idle socket keeps 2 KiB.
+        .read_buffer_size(2048)
+        // Queued frames are fed and flushed together; writes start once
+        // this much is buffered or on flush.
+        .write_buffer_size(16 * 1024)
         .max_message_size(MAX_WS_CLIENT_MESSAGE_BYTES)
         .max_frame_size(MAX_WS_CLIENT_MESSAGE_BYTES)
         .on_upgrade(move |socket| {
