@@ -402,3 +402,90 @@ async fn cors_is_off_by_default_and_any_origin_when_enabled() {
         "{allowed}"
     );
 }
+
+#[tokio::test]
+async fn an_sse_subscribe_after_another_request_on_a_kept_alive_connection_works() {
+    use tokio::io::AsyncWriteExt;
+    let hub = TestHub::spawn().await;
+    let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\"ok\"").await;
+    // Same connection, second request: served through hyper (chunked).
+    s.write_all(b"GET /channel/kept HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut s, "retry: 2000\n\n").await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    hub.publish("kept", "via hyper").await;
+    read_until(&mut s, "data: via hyper\n\n").await;
+}
+
+#[tokio::test]
+async fn a_first_request_sse_subscribe_is_close_delimited_and_leaves_promptly() {
+    let hub = TestHub::spawn().await;
+    let mut s = raw_get(
+        hub.addr,
+        "/channel/direct",
+        "Origin: https://app.example\r\n",
+    )
+    .await;
+    let head = read_until(&mut s, "retry: 2000\n\n")
+        .await
+        .to_ascii_lowercase();
+    assert!(
+        head.contains("connection: close") && !head.contains("chunked"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("access-control-allow-origin"),
+        "CORS is off: {head}"
+    );
+    hub.publish("direct", "x").await;
+    read_until(&mut s, "data: x\n\n").await;
+    assert_eq!(hub.status().await["channels"]["direct"]["subscribers"], 1);
+    drop(s);
+    // No heartbeat needed: the closed socket is noticed at once.
+    crate::support::eventually(|| async {
+        hub.status().await["channels"]["direct"]["subscribers"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn direct_sse_answers_carry_cors_headers_when_enabled() {
+    let mut c = config();
+    c.cors = herald::config::Cors::Origins(vec!["https://app.example".into()]);
+    let hub = TestHub::with(c).await;
+    let mut s = raw_get(hub.addr, "/channel/c", "Origin: https://app.example\r\n").await;
+    let head = read_until(&mut s, "retry: 2000\n\n")
+        .await
+        .to_ascii_lowercase();
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-expose-headers: herald-client-id"),
+        "{head}"
+    );
+    let mut other = raw_get(hub.addr, "/channel/c", "Origin: https://evil.example\r\n").await;
+    let head = read_until(&mut other, "retry: 2000\n\n")
+        .await
+        .to_ascii_lowercase();
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_a_request_is_dropped_at_shutdown() {
+    let mut hub = TestHub::spawn().await;
+    let _silent = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    hub.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
