@@ -87,11 +87,14 @@ impl App {
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
+        let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
+        tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
         let state = http::State {
             hub,
             config: config.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
+            ticks,
         };
         let router = http::router(state.clone());
         tracing::info!(%addr, node = %config.node_name, "herald is listening");

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use percent_encoding::percent_decode_str;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -114,13 +114,20 @@ pub(super) fn register(state: &AppState, sub: &Subscribe) -> Option<Session> {
 
 /// Serves a registered subscriber until the client leaves, falls too far
 /// behind, a write blocks for `--write-timeout`, or the hub shuts down.
+///
+/// This future is the whole per-connection state of an idle stream, so it
+/// is kept small: heartbeats come from the shared ticker (a comment is
+/// written on a tick if nothing else was written since the previous one),
+/// and writes try the socket without waiting first; only a write that
+/// would block takes the boxed, timed path.
 pub(super) async fn serve(
     mut stream: TcpStream,
     state: AppState,
     sub: Subscribe,
     session: Session,
 ) {
-    let head = response_head(&state, &sub, &session.client);
+    let mut first = response_head(&state, &sub, &session.client);
+    first.extend_from_slice(&sse::prelude(&state));
     drop(sub);
     let Session {
         outbox,
@@ -128,23 +135,38 @@ pub(super) async fn serve(
         guard: _guard,
         ..
     } = session;
-    let write_timeout = state.config.write_timeout;
-    let mut first = head;
-    first.extend_from_slice(&sse::prelude(&state));
-    if write(&mut stream, &first, write_timeout).await.is_err() {
+    let AppState {
+        shutdown,
+        mut ticks,
+        config,
+        ..
+    } = state;
+    let write_timeout = config.write_timeout;
+    drop(config);
+    if write(&mut stream, Bytes::from(first), write_timeout)
+        .await
+        .is_err()
+    {
         return;
     }
-    drop(first);
-    let heartbeat = state.config.heartbeat;
+    let mut wrote = false;
     loop {
         let chunk = tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             batch = outbox.next_batch() => match batch {
                 Batch::Items(items) => sse::encode(items),
                 Batch::Closed(_) => return,
             },
-            () = tokio::time::sleep(heartbeat) => Bytes::from_static(sse::HEARTBEAT),
+            r = ticks.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                if std::mem::take(&mut wrote) {
+                    continue;
+                }
+                Bytes::from_static(sse::HEARTBEAT)
+            }
             r = stream.readable() => {
                 if r.is_err() || client_left(&stream) {
                     return;
@@ -152,9 +174,10 @@ pub(super) async fn serve(
                 continue;
             }
         };
-        if write(&mut stream, &chunk, write_timeout).await.is_err() {
+        if write(&mut stream, chunk, write_timeout).await.is_err() {
             return;
         }
+        wrote = true;
     }
 }
 
@@ -173,8 +196,21 @@ fn client_left(stream: &TcpStream) -> bool {
     }
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ()> {
-    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+/// Writes without waiting when the socket has room (the usual case); the
+/// rest goes through a boxed write bounded by `limit`.
+async fn write(stream: &mut TcpStream, mut bytes: Bytes, limit: Duration) -> Result<(), ()> {
+    while !bytes.is_empty() {
+        match stream.try_write(&bytes) {
+            Ok(n) => bytes.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(()),
+        }
+    }
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let slow = Box::pin(tokio::time::timeout(limit, stream.write_all(&bytes)));
+    match slow.await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

@@ -40,6 +40,25 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Ticks every `--heartbeat`: one shared timer instead of one per idle
+    /// stream (see [`heartbeat`]).
+    pub ticks: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Drives the shared heartbeat: `tx` ticks every `every` until `shutdown`.
+pub async fn heartbeat(
+    tx: tokio::sync::watch::Sender<u64>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => tx.send_modify(|n| *n = n.wrapping_add(1)),
+        }
+    }
 }
 
 impl State {

@@ -60,6 +60,20 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, router: Router, sta
         direct::serve(stream, state, sub, session).await;
         return;
     }
+    // Boxed: hyper's connection state is large, and every task is allocated
+    // at the size of its largest state; direct SSE streams should not pay it.
+    Box::pin(through_hyper(stream, head, peer, router, state)).await;
+}
+
+/// Serves the connection with hyper (HTTP/1.1 and HTTP/2, upgrades), the
+/// first request head replayed in front of the socket.
+async fn through_hyper(
+    stream: TcpStream,
+    head: Bytes,
+    peer: SocketAddr,
+    router: Router,
+    state: State,
+) {
     let mut io = TimeoutWriter::new(Rewind {
         prefix: head,
         inner: stream,
@@ -158,5 +172,43 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_tasks_stay_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let config = crate::config::Config::defaults(addr);
+        let state = State {
+            hub: crate::hub::Hub::new(config.hub()),
+            config: std::sync::Arc::new(config),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            ticks: tokio::sync::watch::channel(0).1,
+        };
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        let head = read_head(&mut c2, &state);
+        eprintln!("read_head future: {} bytes", std::mem::size_of_val(&head));
+        drop(head);
+        let sub = direct::parse(b"GET /channel/a HTTP/1.1\r\n\r\n").unwrap();
+        let session = direct::register(&state, &sub).unwrap();
+        let serve = direct::serve(c2, state.clone(), sub, session);
+        eprintln!(
+            "direct::serve future: {} bytes",
+            std::mem::size_of_val(&serve)
+        );
+        drop(serve);
+        let fut = connection(client, addr, super::super::router(state.clone()), state);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        // Every direct SSE stream's task is this big (debug layout; release
+        // is smaller): keep it well under the 4 KiB per connection budget.
+        assert!(size < 2048, "{size}");
     }
 }

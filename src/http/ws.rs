@@ -13,7 +13,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde::Deserialize;
 
 use super::sse::resume_from;
@@ -59,8 +59,8 @@ pub(super) async fn upgrade(
     let tasks = state.tasks.clone();
     Ok(ws
         // tungstenite allocates its read buffer up front (128 KiB by
-        // default); client frames are small, so an idle socket keeps 2 KiB.
-        .read_buffer_size(2048)
+        // default); client frames are small, so an idle socket keeps 512 bytes.
+        .read_buffer_size(512)
         // Queued frames are fed and flushed together; writes start once
         // this much is buffered or on flush.
         .write_buffer_size(16 * 1024)
@@ -105,19 +105,18 @@ enum End {
 }
 
 impl Conn {
-    async fn run(mut self, socket: WebSocket, initial: Vec<ChannelName>) {
+    async fn run(mut self, mut socket: WebSocket, initial: Vec<ChannelName>) {
         let _guard = self.state.hub.connection();
-        let (mut tx, mut rx) = socket.split();
-        let mut hello = initial.iter().map(subscribed).collect::<Vec<_>>();
         let mut ok = true;
-        for m in hello.drain(..) {
-            ok &= tx.feed(m).await.is_ok();
+        for c in &initial {
+            ok &= socket.feed(subscribed(c)).await.is_ok();
         }
-        if !ok || tx.flush().await.is_err() {
+        drop(initial);
+        if !ok || socket.flush().await.is_err() {
             return;
         }
-        let heartbeat = self.state.config.heartbeat;
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        // Pings ride the shared ticker: no timer per connection.
+        let mut ticks = self.state.ticks.clone();
         let mut heard_since_ping = true;
         let end = loop {
             tokio::select! {
@@ -129,15 +128,15 @@ impl Conn {
                         let mut ok = true;
                         for item in items {
                             if let Some(m) = self.frame(item) {
-                                ok &= tx.feed(m).await.is_ok();
+                                ok &= socket.feed(m).await.is_ok();
                             }
                         }
-                        if !ok || tx.flush().await.is_err() {
+                        if !ok || socket.flush().await.is_err() {
                             break End::Drop;
                         }
                     }
                 },
-                msg = rx.next() => {
+                msg = socket.recv() => {
                     heard_since_ping = true;
                     match msg {
                         None => break End::Drop,
@@ -146,9 +145,9 @@ impl Conn {
                             let replies = self.handle(&text);
                             let mut ok = true;
                             for r in replies {
-                                ok &= tx.feed(r).await.is_ok();
+                                ok &= socket.feed(r).await.is_ok();
                             }
-                            if !ok || tx.flush().await.is_err() {
+                            if !ok || socket.flush().await.is_err() {
                                 break End::Drop;
                             }
                         }
@@ -157,12 +156,15 @@ impl Conn {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
                 }
-                _ = ping.tick() => {
+                r = ticks.changed() => {
+                    if r.is_err() {
+                        break End::Drop;
+                    }
                     if !heard_since_ping {
                         break End::Close(close_code::AWAY, "no answer to ping");
                     }
                     heard_since_ping = false;
-                    if tx.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                         break End::Drop;
                     }
                 }
@@ -175,7 +177,7 @@ impl Conn {
             };
             let _ = tokio::time::timeout(
                 self.state.config.write_timeout,
-                tx.send(Message::Close(Some(frame))),
+                socket.send(Message::Close(Some(frame))),
             )
             .await;
         }

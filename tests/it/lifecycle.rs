@@ -62,6 +62,7 @@ async fn draining_answers_503_on_readyz_and_new_subscriptions() {
         config: std::sync::Arc::new(c),
         shutdown: tokio_util::sync::CancellationToken::new(),
         tasks: tokio_util::task::TaskTracker::new(),
+        ticks: tokio::sync::watch::channel(0).1,
     };
     state.shutdown.cancel();
     let router = herald::http::router(state);

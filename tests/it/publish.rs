@@ -296,6 +296,7 @@ fn state(config: herald::config::Config) -> herald::http::State {
         config: std::sync::Arc::new(config),
         shutdown: tokio_util::sync::CancellationToken::new(),
         tasks: tokio_util::task::TaskTracker::new(),
+        ticks: tokio::sync::watch::channel(0).1,
     }
 }
 
