@@ -138,11 +138,14 @@ impl Report {
     }
 
     fn key(&self) -> String {
-        format!(
-            "{:?} {} subs {} msg/s",
-            self.scenario, self.subscribers, self.rate
-        )
-        .to_lowercase()
+        let scenario = format!("{:?}", self.scenario).to_lowercase();
+        match self.scenario {
+            Scenario::Fanout => format!(
+                "{scenario}: {} subscribers, {} messages at {} msg/s",
+                self.subscribers, self.messages, self.rate
+            ),
+            _ => format!("{scenario}: {} subscribers", self.subscribers),
+        }
     }
 }
 
