@@ -5,6 +5,7 @@
 //! that says whose fault it is.
 
 mod direct;
+mod direct_ws;
 mod error;
 mod listener;
 mod ops;

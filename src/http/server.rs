@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutWriter;
 use tower::ServiceExt;
 
-use super::{Peer, State, direct};
+use super::{Peer, State, direct, direct_ws};
 
 /// Longest a client may take to send its first request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +58,13 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, router: Router, sta
     {
         drop(head);
         direct::serve(stream, state, sub, session).await;
+        return;
+    }
+    if let Some(up) = direct_ws::parse(&head)
+        && let Some(session) = direct_ws::register(&state, &up)
+    {
+        drop(head);
+        direct_ws::serve(stream, state, up, session).await;
         return;
     }
     // Boxed: hyper's connection state is large, and every task is allocated

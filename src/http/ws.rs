@@ -198,9 +198,33 @@ impl Conn {
 
     /// Answers one client message; errors become error frames.
     fn handle(&mut self, text: &str) -> Vec<Message> {
+        handle(
+            &self.state,
+            &self.client,
+            &self.outbox,
+            &mut self.subs,
+            text,
+        )
+        .iter()
+        .map(json_frame)
+        .collect()
+    }
+}
+
+/// Answers one client message (`subscribe` / `unsubscribe`) with the JSON
+/// replies to send; errors become `{"type":"error"}` replies. Shared by the
+/// hyper WebSocket and the direct one.
+pub(super) fn handle(
+    state: &AppState,
+    client: &ClientId,
+    outbox: &Arc<Outbox>,
+    subs: &mut HashMap<ChannelName, Subscription>,
+    text: &str,
+) -> Vec<serde_json::Value> {
+    {
         let msg = match serde_json::from_str::<ClientMessage>(text) {
             Ok(m) => m,
-            Err(e) => return vec![error(&format!("invalid message: {e}"))],
+            Err(e) => return vec![error_json(&format!("invalid message: {e}"))],
         };
         match msg {
             ClientMessage::Subscribe {
@@ -209,38 +233,34 @@ impl Conn {
             } => {
                 let channel = match ChannelName::parse(&channel) {
                     Ok(c) => c,
-                    Err(e) => return vec![error(&e.to_string())],
+                    Err(e) => return vec![error_json(&e.to_string())],
                 };
-                if self.subs.contains_key(&channel) {
-                    return vec![error(&format!("already subscribed to {channel}"))];
+                if subs.contains_key(&channel) {
+                    return vec![error_json(&format!("already subscribed to {channel}"))];
                 }
-                if self.subs.len() >= MAX_CHANNELS_PER_CONNECTION {
-                    return vec![error(&format!(
+                if subs.len() >= MAX_CHANNELS_PER_CONNECTION {
+                    return vec![error_json(&format!(
                         "too many channels: at most {MAX_CHANNELS_PER_CONNECTION} per connection"
                     ))];
                 }
                 let resume = Resume::parse(last_event_id.as_deref());
-                match self
-                    .state
-                    .hub
-                    .subscribe(&channel, &self.client, &self.outbox, &resume)
-                {
+                match state.hub.subscribe(&channel, client, outbox, &resume) {
                     Ok(s) => {
-                        self.subs.insert(channel.clone(), s);
-                        vec![subscribed(&channel)]
+                        subs.insert(channel.clone(), s);
+                        vec![subscribed_json(&channel)]
                     }
-                    Err(e) => vec![error(&e.to_string())],
+                    Err(e) => vec![error_json(&e.to_string())],
                 }
             }
             ClientMessage::Unsubscribe { channel } => {
                 let found = ChannelName::parse(&channel)
                     .ok()
-                    .and_then(|c| self.subs.remove(&c).map(|_| c));
+                    .and_then(|c| subs.remove(&c).map(|_| c));
                 match found {
-                    Some(c) => vec![json_frame(
-                        &serde_json::json!({"type": "unsubscribed", "channel": c.as_str()}),
-                    )],
-                    None => vec![error(&format!("not subscribed to {channel:?}"))],
+                    Some(c) => {
+                        vec![serde_json::json!({"type": "unsubscribed", "channel": c.as_str()})]
+                    }
+                    None => vec![error_json(&format!("not subscribed to {channel:?}"))],
                 }
             }
         }
@@ -260,11 +280,17 @@ fn read_error(e: &axum::Error) -> End {
 }
 
 fn subscribed(c: &ChannelName) -> Message {
-    json_frame(&serde_json::json!({"type": "subscribed", "channel": c.as_str()}))
+    json_frame(&subscribed_json(c))
 }
 
-fn error(msg: &str) -> Message {
-    json_frame(&serde_json::json!({"type": "error", "error": msg}))
+/// `{"type":"subscribed","channel":C}`.
+pub(super) fn subscribed_json(c: &ChannelName) -> serde_json::Value {
+    serde_json::json!({"type": "subscribed", "channel": c.as_str()})
+}
+
+/// `{"type":"error","error":MSG}`.
+pub(super) fn error_json(msg: &str) -> serde_json::Value {
+    serde_json::json!({"type": "error", "error": msg})
 }
 
 fn json_frame(v: &serde_json::Value) -> Message {

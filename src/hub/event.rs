@@ -59,6 +59,7 @@ pub struct Event {
     pub published_at: Instant,
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
+    ws_frame: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -81,6 +82,7 @@ impl Event {
             published_at: Instant::now(),
             sse: OnceLock::new(),
             ws: OnceLock::new(),
+            ws_frame: OnceLock::new(),
         }
     }
 
@@ -104,6 +106,13 @@ impl Event {
     /// The WebSocket text frame payload (a JSON object), encoded once.
     pub fn ws(&self) -> &Bytes {
         self.ws.get_or_init(|| ws_event(self))
+    }
+
+    /// The whole WebSocket text frame (RFC 6455 header + [`Event::ws`]),
+    /// encoded once: server frames are unmasked, so every subscriber can be
+    /// sent the same bytes.
+    pub fn ws_frame(&self) -> &Bytes {
+        self.ws_frame.get_or_init(|| ws_text_frame(self.ws()))
     }
 
     /// What this event costs a subscriber queue, in bytes (an estimate that
@@ -187,6 +196,42 @@ fn lines(s: &str) -> impl Iterator<Item = &str> {
             }
         }
     })
+}
+
+/// WebSocket opcodes the hub sends.
+pub mod opcode {
+    /// A text frame.
+    pub const TEXT: u8 = 0x1;
+    /// A close frame.
+    pub const CLOSE: u8 = 0x8;
+    /// A ping.
+    pub const PING: u8 = 0x9;
+    /// A pong.
+    pub const PONG: u8 = 0xA;
+}
+
+/// Encodes a final, unmasked server frame (RFC 6455 section 5.2).
+pub fn ws_server_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    out.put_u8(0x80 | (opcode & 0x0F));
+    match payload.len() {
+        n if n < 126 => out.put_u8(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.put_u8(126);
+            out.put_u16(n as u16);
+        }
+        n => {
+            out.put_u8(127);
+            out.put_u64(n as u64);
+        }
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// A text frame carrying `payload`.
+pub fn ws_text_frame(payload: &[u8]) -> Bytes {
+    ws_server_frame(opcode::TEXT, payload)
 }
 
 fn ws_event(ev: &Event) -> Bytes {
@@ -326,6 +371,18 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(text.ws()).unwrap();
         assert_eq!(v["data"], "say \"hi\"\n");
         assert_eq!(v["event"], "x");
+    }
+
+    #[test]
+    fn ws_server_frames_use_the_shortest_length_encoding() {
+        assert_eq!(&ws_text_frame(b"hi")[..], b"\x81\x02hi");
+        let mid = ws_text_frame(&[b'x'; 300]);
+        assert_eq!(&mid[..4], &[0x81, 126, 0x01, 0x2c]);
+        assert_eq!(mid.len(), 304);
+        let big = ws_text_frame(&vec![b'x'; 70_000]);
+        assert_eq!(&big[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(big[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(&ws_server_frame(opcode::PING, b"")[..], &[0x89, 0]);
     }
 
     #[test]

@@ -26,7 +26,10 @@ use parking_lot::Mutex;
 use slab::Slab;
 use tokio::time::Instant;
 
-pub use event::{Data, Event, Reset, SharedEvent, compact_json, sse_frame};
+pub use event::{
+    Data, Event, Reset, SharedEvent, compact_json, opcode, sse_frame, ws_server_frame,
+    ws_text_frame,
+};
 pub use id::{EventId, IdGen, InvalidEventId};
 pub use name::{ChannelName, ClientId, EventName, InvalidName};
 pub use outbox::{Batch, Closed, Item, Outbox, Pushed};

@@ -170,3 +170,33 @@ async fn a_reading_peer_is_pinged_and_stays_connected() {
     hub.publish("a", "alive").await;
     assert_eq!(ws.next_json().await["data"], "alive");
 }
+
+#[tokio::test]
+async fn an_upgrade_after_another_request_on_a_kept_alive_connection_uses_the_same_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::spawn().await;
+    let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Read exactly the first response (its body is the JSON status).
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\"ok\"}") {
+        let mut b = [0u8; 256];
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&b[..n]);
+    }
+    let url = format!("ws://{}/ws?channel=kept", hub.addr);
+    let s = tokio_tungstenite::MaybeTlsStream::Plain(s);
+    let (socket, _) = tokio_tungstenite::client_async(url, s).await.unwrap();
+    let mut ws = crate::support::Ws { socket };
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "subscribed", "channel": "kept"})
+    );
+    hub.publish("kept", "through hyper").await;
+    assert_eq!(ws.next_json().await["data"], "through hyper");
+    ws.socket.send(Message::binary(vec![1])).await.unwrap();
+    assert_eq!(ws.close_code().await, 1003);
+}

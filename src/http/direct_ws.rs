@@ -1,0 +1,525 @@
+//! WebSocket subscriptions served straight on the socket.
+//!
+//! Server-to-client frames are unmasked, so an event's frame is encoded once
+//! (`Event::ws_frame`) and the same bytes are written to every subscriber,
+//! as for SSE. Behind hyper and tungstenite each subscriber's frame was
+//! copied into a per-connection write buffer and flushed through a `Sink`
+//! (see `bench/results/2026-11-22/profile-herald-ws-fanout.txt`). When the
+//! first request on a connection is a valid upgrade to `/ws`, the server
+//! answers it here; anything else (bad channels, unknown parameters,
+//! conflicts, draining) goes to hyper and `http::ws`, which answer with the
+//! same protocol and errors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::ws::{CLOSE_SLOW, handle, subscribed_json};
+use super::{State as AppState, channel_list, query_pairs};
+use crate::config::MAX_WS_CLIENT_MESSAGE_BYTES;
+use crate::hub::{
+    Batch, ChannelName, ClientId, Item, Outbox, Resume, Subscription, opcode, ws_server_frame,
+    ws_text_frame,
+};
+
+/// Close codes (RFC 6455 section 7.4.1).
+mod code {
+    pub(super) const AWAY: u16 = 1001;
+    pub(super) const PROTOCOL: u16 = 1002;
+    pub(super) const UNSUPPORTED: u16 = 1003;
+    pub(super) const INVALID: u16 = 1007;
+    pub(super) const SIZE: u16 = 1009;
+    pub(super) const RESTART: u16 = 1012;
+}
+
+/// A parsed upgrade request that this path serves.
+pub(super) struct Upgrade {
+    key: String,
+    channels: Vec<ChannelName>,
+    resume: Resume,
+}
+
+/// Reads a WebSocket upgrade to `/ws` out of a request head; `None` for
+/// anything else.
+pub(super) fn parse(head: &[u8]) -> Option<Upgrade> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    if req.method != Some("GET") || req.version != Some(1) {
+        return None;
+    }
+    let (mut upgrade, mut connection, mut version, mut key, mut last_event_id) =
+        (false, false, false, None, None);
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).ok()?.trim();
+        match h.name.to_ascii_lowercase().as_str() {
+            "upgrade" => upgrade = value.eq_ignore_ascii_case("websocket"),
+            "connection" => {
+                connection = value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            }
+            "sec-websocket-version" => version = value == "13",
+            "sec-websocket-key" => key = Some(value.to_owned()),
+            "last-event-id" => last_event_id = Some(value.to_owned()),
+            "content-length" | "transfer-encoding" => return None,
+            _ => {}
+        }
+    }
+    if !(upgrade && connection && version) {
+        return None;
+    }
+    let key = key.filter(|k| k.len() == 24)?;
+    let (path, query) = match req.path?.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path?, None),
+    };
+    if path != "/ws" {
+        return None;
+    }
+    let pairs = query_pairs(query);
+    if pairs
+        .iter()
+        .any(|(k, _)| k != "channel" && k != "lastEventId")
+    {
+        return None;
+    }
+    let channels = channel_list(
+        pairs
+            .iter()
+            .filter(|(k, _)| k == "channel")
+            .map(|(_, v)| v.as_str()),
+    )
+    .ok()?;
+    let param = pairs
+        .into_iter()
+        .find(|(k, _)| k == "lastEventId")
+        .map(|(_, v)| v);
+    Some(Upgrade {
+        key,
+        channels,
+        resume: Resume::parse(last_event_id.or(param).as_deref()),
+    })
+}
+
+/// A registered WebSocket subscriber.
+pub(super) struct Session {
+    client: ClientId,
+    outbox: Arc<Outbox>,
+    subs: HashMap<ChannelName, Subscription>,
+}
+
+/// Registers the subscriber on its initial channels; `None` if the hub
+/// refuses (hyper then answers with the error).
+pub(super) fn register(state: &AppState, up: &Upgrade) -> Option<Session> {
+    if state.shutdown.is_cancelled() {
+        return None;
+    }
+    let client = ClientId::generate();
+    let outbox = state.hub.outbox();
+    let mut subs = HashMap::new();
+    for c in &up.channels {
+        subs.insert(
+            c.clone(),
+            state.hub.subscribe(c, &client, &outbox, &up.resume).ok()?,
+        );
+    }
+    Some(Session {
+        client,
+        outbox,
+        subs,
+    })
+}
+
+/// Serves the WebSocket until either side closes, the subscriber falls too
+/// far behind, it stops answering pings, or the hub shuts down.
+pub(super) async fn serve(mut stream: TcpStream, state: AppState, up: Upgrade, session: Session) {
+    let _guard = state.hub.connection();
+    let Session {
+        client,
+        outbox,
+        mut subs,
+    } = session;
+    let accept = tungstenite::handshake::derive_accept_key(up.key.as_bytes());
+    let mut first = BytesMut::from(
+        format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n")
+            .as_bytes(),
+    );
+    for c in &up.channels {
+        first.extend_from_slice(&ws_text_frame(subscribed_json(c).to_string().as_bytes()));
+    }
+    drop(up);
+    let write_timeout = state.config.write_timeout;
+    if write(&mut stream, first.freeze(), write_timeout)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut ticks = state.ticks.clone();
+    let mut decoder = Decoder::default();
+    let mut heard_since_ping = true;
+    let end = loop {
+        let out = tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => break Some((code::RESTART, "herald is restarting; reconnect")),
+            batch = outbox.next_batch() => match batch {
+                Batch::Closed(_) => break Some((CLOSE_SLOW, "slow consumer: too far behind")),
+                Batch::Items(items) => encode(items, &subs),
+            },
+            r = ticks.changed() => {
+                if r.is_err() {
+                    break None;
+                }
+                if !std::mem::replace(&mut heard_since_ping, false) {
+                    break Some((code::AWAY, "no answer to ping"));
+                }
+                ws_server_frame(opcode::PING, b"")
+            }
+            r = stream.readable() => {
+                if r.is_err() {
+                    break None;
+                }
+                match read(&stream, &mut decoder) {
+                    Read::Closed => break None,
+                    Read::Nothing => continue,
+                    Read::Frames(frames) => {
+                        heard_since_ping = true;
+                        let mut out = BytesMut::new();
+                        let mut end = None;
+                        for f in frames {
+                            match f {
+                                Ok(Frame::Text(text)) => {
+                                    for reply in handle(&state, &client, &outbox, &mut subs, &text) {
+                                        out.extend_from_slice(&ws_text_frame(reply.to_string().as_bytes()));
+                                    }
+                                }
+                                Ok(Frame::Ping(payload)) => out.extend_from_slice(&ws_server_frame(opcode::PONG, &payload)),
+                                Ok(Frame::Pong) => {}
+                                Ok(Frame::Close) => {
+                                    end = Some((1000, ""));
+                                    break;
+                                }
+                                Err(fail) => {
+                                    end = Some(fail);
+                                    break;
+                                }
+                            }
+                        }
+                        if !out.is_empty() && write(&mut stream, out.freeze(), write_timeout).await.is_err() {
+                            break None;
+                        }
+                        if end.is_some() {
+                            break end;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        if write(&mut stream, out, write_timeout).await.is_err() {
+            break None;
+        }
+    };
+    if let Some((code, reason)) = end {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason.as_bytes());
+        let _ = write(
+            &mut stream,
+            ws_server_frame(opcode::CLOSE, &payload),
+            write_timeout,
+        )
+        .await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// The frames for a batch: events of subscribed channels (their shared
+/// frames) and resets.
+fn encode(
+    items: std::collections::VecDeque<Item>,
+    subs: &HashMap<ChannelName, Subscription>,
+) -> Bytes {
+    let frames: Vec<Bytes> = items
+        .into_iter()
+        .filter_map(|item| match item {
+            Item::Event(e) => subs.contains_key(&e.channel).then(|| e.ws_frame().clone()),
+            Item::Reset(r) => Some(ws_text_frame(&r.ws())),
+        })
+        .collect();
+    if frames.len() == 1 {
+        return frames.into_iter().next().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+    for f in &frames {
+        out.extend_from_slice(f);
+    }
+    out.freeze()
+}
+
+enum Read {
+    Closed,
+    Nothing,
+    Frames(Vec<Result<Frame, (u16, &'static str)>>),
+}
+
+/// Reads what the socket has without waiting and decodes whole frames.
+fn read(stream: &TcpStream, decoder: &mut Decoder) -> Read {
+    let mut scratch = [0u8; 512];
+    let mut got = false;
+    loop {
+        match stream.try_read(&mut scratch) {
+            Ok(0) => return Read::Closed,
+            Ok(n) => {
+                got = true;
+                decoder.buf.extend_from_slice(&scratch[..n]);
+                if decoder.buf.len() > 4 * MAX_WS_CLIENT_MESSAGE_BYTES {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Read::Closed,
+        }
+    }
+    if !got {
+        return Read::Nothing;
+    }
+    let mut frames = vec![];
+    loop {
+        match decoder.next() {
+            Ok(Some(f)) => frames.push(Ok(f)),
+            Ok(None) => break,
+            Err(fail) => {
+                frames.push(Err(fail));
+                break;
+            }
+        }
+    }
+    decoder.release();
+    Read::Frames(frames)
+}
+
+async fn write(stream: &mut TcpStream, mut bytes: Bytes, limit: Duration) -> Result<(), ()> {
+    while !bytes.is_empty() {
+        match stream.try_write(&bytes) {
+            Ok(n) => bytes.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(()),
+        }
+    }
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    match Box::pin(tokio::time::timeout(limit, stream.write_all(&bytes))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// A whole message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    Text(String),
+    Ping(Vec<u8>),
+    Pong,
+    Close,
+}
+
+/// Decodes client frames: masked, possibly fragmented; limits enforced.
+/// Idle, it holds two empty buffers.
+#[derive(Debug, Default)]
+struct Decoder {
+    buf: Vec<u8>,
+    message: Vec<u8>,
+    in_message: bool,
+}
+
+impl Decoder {
+    fn next(&mut self) -> Result<Option<Frame>, (u16, &'static str)> {
+        loop {
+            let b = &self.buf;
+            if b.len() < 2 {
+                return Ok(None);
+            }
+            let (fin, rsv, op) = (b[0] & 0x80 != 0, b[0] & 0x70, b[0] & 0x0F);
+            let masked = b[1] & 0x80 != 0;
+            let (len, mut at) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                127 if b.len() >= 10 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()),
+                    10,
+                ),
+                126 | 127 => return Ok(None),
+                n => (u64::from(n), 2),
+            };
+            if rsv != 0 || !masked {
+                return Err((
+                    code::PROTOCOL,
+                    "frames must be masked and use no extensions",
+                ));
+            }
+            let control = op >= 0x8;
+            if control && (!fin || len > 125) {
+                return Err((code::PROTOCOL, "invalid control frame"));
+            }
+            if len > MAX_WS_CLIENT_MESSAGE_BYTES as u64 {
+                return Err((code::SIZE, "message too big"));
+            }
+            let len = len as usize;
+            if b.len() < at + 4 + len {
+                return Ok(None);
+            }
+            let mask = [b[at], b[at + 1], b[at + 2], b[at + 3]];
+            at += 4;
+            let payload: Vec<u8> = b[at..at + len]
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x ^ mask[i % 4])
+                .collect();
+            self.buf.drain(..at + len);
+            match op {
+                0x8 => return Ok(Some(Frame::Close)),
+                0x9 => return Ok(Some(Frame::Ping(payload))),
+                0xA => return Ok(Some(Frame::Pong)),
+                0x2 => return Err((code::UNSUPPORTED, "binary frames are not supported")),
+                0x1 | 0x0 => {
+                    if (op == 0x1) == self.in_message {
+                        return Err((code::PROTOCOL, "unexpected continuation"));
+                    }
+                    self.in_message = true;
+                    if self.message.len() + payload.len() > MAX_WS_CLIENT_MESSAGE_BYTES {
+                        return Err((code::SIZE, "message too big"));
+                    }
+                    self.message.extend_from_slice(&payload);
+                    if fin {
+                        self.in_message = false;
+                        let message = std::mem::take(&mut self.message);
+                        return String::from_utf8(message)
+                            .map(|t| Some(Frame::Text(t)))
+                            .map_err(|_| (code::INVALID, "text is not UTF-8"));
+                    }
+                }
+                _ => return Err((code::PROTOCOL, "unknown opcode")),
+            }
+        }
+    }
+
+    /// Gives back buffer memory once everything has been decoded.
+    fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+        }
+        if self.message.is_empty() {
+            self.message = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Vec<Result<Frame, (u16, &'static str)>> {
+        let mut d = Decoder::default();
+        let mut out = vec![];
+        for &b in bytes {
+            d.buf.push(b); // byte by byte: every split point
+            loop {
+                match d.next() {
+                    Ok(Some(f)) => out.push(Ok(f)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_masked_text_control_and_fragmented_frames() {
+        let mut bytes = client_frame(0x81, b"{\"type\":\"subscribe\"}");
+        bytes.extend(client_frame(0x89, b"p"));
+        bytes.extend(client_frame(0x01, b"hel"));
+        bytes.extend(client_frame(0x8A, b""));
+        bytes.extend(client_frame(0x80, b"lo"));
+        bytes.extend(client_frame(0x88, &1000u16.to_be_bytes()));
+        assert_eq!(
+            decode(&bytes),
+            vec![
+                Ok(Frame::Text("{\"type\":\"subscribe\"}".into())),
+                Ok(Frame::Ping(b"p".to_vec())),
+                Ok(Frame::Pong),
+                Ok(Frame::Text("hello".into())),
+                Ok(Frame::Close),
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_what_the_protocol_or_the_limits_forbid() {
+        let close = |b: &[u8]| decode(b).pop().unwrap().unwrap_err().0;
+        assert_eq!(close(&client_frame(0x82, b"bin")), code::UNSUPPORTED);
+        assert_eq!(
+            close(&client_frame(
+                0x81,
+                &vec![b'x'; MAX_WS_CLIENT_MESSAGE_BYTES + 1]
+            )),
+            code::SIZE
+        );
+        assert_eq!(close(&client_frame(0x81, &[0xff, 0xfe])), code::INVALID);
+        assert_eq!(
+            close(&client_frame(0x80, b"orphan continuation")),
+            code::PROTOCOL
+        );
+        assert_eq!(
+            close(&client_frame(0x09, b"fragmented ping")),
+            code::PROTOCOL
+        );
+        assert_eq!(close(b"\x81\x02hi"), code::PROTOCOL, "unmasked");
+        let mut two_halves = client_frame(0x01, &vec![b'x'; MAX_WS_CLIENT_MESSAGE_BYTES]);
+        two_halves.extend(client_frame(0x80, b"x"));
+        assert_eq!(close(&two_halves), code::SIZE);
+    }
+
+    #[test]
+    fn parses_only_valid_upgrades_to_ws() {
+        let up = |extra: &str, target: &str| {
+            parse(format!("GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n").as_bytes())
+        };
+        let ok = up("", "/ws?channel=a&channel=b&lastEventId=0000000000000001").unwrap();
+        assert_eq!(ok.channels.len(), 2);
+        assert_eq!(ok.resume, Resume::After(crate::hub::EventId::from_u64(1)));
+        assert!(up("", "/ws").is_some_and(|u| u.channels.is_empty()));
+        assert!(up("", "/ws?channel=bad%20name").is_none());
+        assert!(up("", "/ws?colour=red").is_none());
+        assert!(up("", "/channel/a").is_none());
+        assert!(
+            parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").is_none(),
+            "not an upgrade"
+        );
+    }
+}
