@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
@@ -535,28 +534,48 @@ async fn subscriber(
             }
         }
         Transport::Ws => {
-            let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+            // A light reader like the SSE one: a tungstenite client per
+            // connection costs the load generator more than the servers it
+            // measures, and would inflate every target's WebSocket latency.
+            let path = match parsed.query() {
+                Some(q) => format!("{}?{q}", parsed.path()),
+                None => parsed.path().to_owned(),
+            };
+            stream.write_all(wire::WsReader::request(&format!("{host}:{port}"), &path).as_bytes()).await?;
             // herald confirms subscriptions; the others are subscribed once
             // the handshake is done.
-            if args.publisher != Publisher::Herald {
-                ready.ok();
-            }
-            while let Some(msg) = ws.next().await {
-                match msg? {
-                    tungstenite::Message::Text(t) => {
-                        if !ready.sent && t.contains("\"subscribed\"") {
-                            ready.ok();
-                            continue;
+            let confirms = args.publisher == Publisher::Herald;
+            let mut reader = wire::WsReader::default();
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    bail!("the server closed the WebSocket");
+                }
+                let mut pongs = vec![];
+                let mut closed = false;
+                let mut confirmed = false;
+                reader.feed(&buf[..n], &mut |item| match item {
+                    wire::WsItem::Message(m) => {
+                        if confirms && !ready.sent && m.windows(12).any(|w| w == b"\"subscribed\"") {
+                            confirmed = true;
+                        } else {
+                            on_message(m);
                         }
-                        on_message(t.as_bytes());
                     }
-                    tungstenite::Message::Binary(b) => on_message(&b),
-                    tungstenite::Message::Ping(p) => ws.send(tungstenite::Message::Pong(p)).await?,
-                    tungstenite::Message::Close(_) => bail!("the server closed the WebSocket"),
-                    _ => {}
+                    wire::WsItem::Ping(p) => pongs.extend(wire::WsReader::pong(&p)),
+                    wire::WsItem::Close => closed = true,
+                })?;
+                if reader.open && (!confirms || confirmed) {
+                    ready.ok();
+                }
+                if !pongs.is_empty() {
+                    stream.write_all(&pongs).await?;
+                }
+                if closed {
+                    bail!("the server closed the WebSocket");
                 }
             }
-            bail!("the WebSocket ended")
         }
     }
 }

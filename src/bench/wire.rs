@@ -159,27 +159,37 @@ impl SseReader {
         Ok(&input[input.len() - rest_in_input..])
     }
 
-    /// SSE framing over body bytes.
-    fn sse(&mut self, bytes: &[u8], on_event: &mut impl FnMut(&[u8])) {
-        for &b in bytes {
+    /// SSE framing over body bytes: whole lines are handled in place
+    /// (found with memchr); only a line split across reads is copied.
+    fn sse(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(&[u8])) {
+        while !bytes.is_empty() {
             if self.skip_lf {
                 self.skip_lf = false;
-                if b == b'\n' {
+                if bytes[0] == b'\n' {
+                    bytes = &bytes[1..];
                     continue;
                 }
             }
-            match b {
-                b'\r' | b'\n' => {
-                    self.skip_lf = b == b'\r';
-                    self.end_line(on_event);
-                }
-                _ => self.line.push(b),
+            let Some(i) = memchr::memchr2(b'\r', b'\n', bytes) else {
+                self.line.extend_from_slice(bytes);
+                return;
+            };
+            if self.line.is_empty() {
+                self.end_line(&bytes[..i], on_event);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..i]);
+                self.end_line(&line, on_event);
+                line.clear();
+                self.line = line;
             }
+            self.skip_lf = bytes[i] == b'\r';
+            bytes = &bytes[i + 1..];
         }
     }
 
-    fn end_line(&mut self, on_event: &mut impl FnMut(&[u8])) {
-        if self.line.is_empty() {
+    fn end_line(&mut self, line: &[u8], on_event: &mut impl FnMut(&[u8])) {
+        if line.is_empty() {
             if self.has_data {
                 on_event(&self.data);
             }
@@ -187,17 +197,13 @@ impl SseReader {
             self.has_data = false;
             return;
         }
-        let line = &self.line;
         let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(0) => {
-                self.line.clear();
-                return; // comment
-            }
+            Some(0) => return, // comment
             Some(i) => {
                 let v = &line[i + 1..];
                 (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
             }
-            None => (&line[..], &b""[..]),
+            None => (line, &b""[..]),
         };
         if field == b"data" {
             if self.has_data {
@@ -206,7 +212,101 @@ impl SseReader {
             self.data.extend_from_slice(value);
             self.has_data = true;
         }
-        self.line.clear();
+    }
+}
+
+/// What a WebSocket stream delivered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsItem<'a> {
+    /// A whole text or binary message.
+    Message(&'a [u8]),
+    /// A ping to answer (its payload).
+    Ping(Vec<u8>),
+    /// The server closed the WebSocket.
+    Close,
+}
+
+/// One WebSocket client stream being read: the `101` answer, then unmasked
+/// server frames (fragmented messages are joined).
+#[derive(Debug, Default)]
+pub struct WsReader {
+    head: Vec<u8>,
+    buf: Vec<u8>,
+    message: Vec<u8>,
+    /// True once the `101 Switching Protocols` has been read.
+    pub open: bool,
+}
+
+impl WsReader {
+    /// The upgrade request to send for `path` on `host`.
+    pub fn request(host: &str, path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    }
+
+    /// A masked pong frame answering `payload` (the zero mask is valid).
+    pub fn pong(payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x8A, 0x80 | (payload.len().min(125) as u8), 0, 0, 0, 0];
+        out.extend_from_slice(&payload[..payload.len().min(125)]);
+        out
+    }
+
+    /// Feeds bytes read from the socket; calls `on` for each item.
+    pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(WsItem<'_>)) -> Result<(), Error> {
+        let mut input = input;
+        if !self.open {
+            let start = self.head.len().saturating_sub(3);
+            self.head.extend_from_slice(input);
+            let Some(end) = find(&self.head[start..], b"\r\n\r\n").map(|i| i + start + 4) else {
+                return Ok(());
+            };
+            let line = String::from_utf8_lossy(&self.head[..end]).lines().next().unwrap_or_default().to_owned();
+            let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(Error::Http(line.clone()))?;
+            if status != 101 {
+                return Err(Error::Status(status));
+            }
+            self.open = true;
+            let rest = self.head.split_off(end);
+            self.head = Vec::new();
+            self.buf = rest;
+            input = &[];
+        }
+        self.buf.extend_from_slice(input);
+        loop {
+            let b = &self.buf;
+            if b.len() < 2 {
+                break;
+            }
+            let (fin, op, masked) = (b[0] & 0x80 != 0, b[0] & 0x0F, b[1] & 0x80 != 0);
+            let (len, at) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize, 10),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if masked {
+                return Err(Error::Http("server frames must not be masked".into()));
+            }
+            if b.len() < at + len {
+                break;
+            }
+            let payload = b[at..at + len].to_vec();
+            self.buf.drain(..at + len);
+            match op {
+                0x8 => on(WsItem::Close),
+                0x9 => on(WsItem::Ping(payload)),
+                0xA => {}
+                _ => {
+                    self.message.extend_from_slice(&payload);
+                    if fin {
+                        on(WsItem::Message(&self.message));
+                        self.message.clear();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -284,6 +384,36 @@ mod tests {
         let mut bad = HEAD_CHUNKED.to_vec();
         bad.extend_from_slice(b"zz\r\n");
         assert_eq!(events(&[&bad]), Err(Error::Chunk));
+    }
+
+    #[test]
+    fn reads_websocket_frames_after_the_101_split_anywhere() {
+        let mut input = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n".to_vec();
+        input.extend_from_slice(b"\x81\x05hello");
+        input.extend_from_slice(b"\x89\x01p");
+        input.extend_from_slice(b"\x01\x03abc\x80\x02de");
+        let mut long = vec![0x81, 126, 0x01, 0x2c];
+        long.extend(vec![b'x'; 300]);
+        input.extend(long);
+        input.extend_from_slice(b"\x88\x02\x03\xe8");
+        for split in 0..input.len() {
+            let mut r = WsReader::default();
+            let mut got = vec![];
+            let mut on = |i: WsItem<'_>| {
+                got.push(match i {
+                    WsItem::Message(m) => String::from_utf8_lossy(m).into_owned(),
+                    WsItem::Ping(p) => format!("ping:{}", String::from_utf8_lossy(&p)),
+                    WsItem::Close => "close".into(),
+                })
+            };
+            r.feed(&input[..split], &mut on).unwrap();
+            r.feed(&input[split..], &mut on).unwrap();
+            assert_eq!(got.len(), 5, "split at {split}: {got:?}");
+            assert_eq!(&got[..3], ["hello", "ping:p", "abcde"]);
+            assert_eq!(got[3].len(), 300);
+            assert_eq!(got[4], "close");
+        }
+        assert_eq!(WsReader::default().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n", &mut |_| {}), Err(Error::Status(400)));
     }
 
     #[test]
