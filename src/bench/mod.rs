@@ -541,7 +541,9 @@ async fn subscriber(
                 Some(q) => format!("{}?{q}", parsed.path()),
                 None => parsed.path().to_owned(),
             };
-            stream.write_all(wire::WsReader::request(&format!("{host}:{port}"), &path).as_bytes()).await?;
+            stream
+                .write_all(wire::WsReader::request(&format!("{host}:{port}"), &path).as_bytes())
+                .await?;
             // herald confirms subscriptions; the others are subscribed once
             // the handshake is done.
             let confirms = args.publisher == Publisher::Herald;
@@ -557,7 +559,8 @@ async fn subscriber(
                 let mut confirmed = false;
                 reader.feed(&buf[..n], &mut |item| match item {
                     wire::WsItem::Message(m) => {
-                        if confirms && !ready.sent && m.windows(12).any(|w| w == b"\"subscribed\"") {
+                        if confirms && !ready.sent && m.windows(12).any(|w| w == b"\"subscribed\"")
+                        {
                             confirmed = true;
                         } else {
                             on_message(m);

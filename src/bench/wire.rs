@@ -261,8 +261,16 @@ impl WsReader {
             let Some(end) = find(&self.head[start..], b"\r\n\r\n").map(|i| i + start + 4) else {
                 return Ok(());
             };
-            let line = String::from_utf8_lossy(&self.head[..end]).lines().next().unwrap_or_default().to_owned();
-            let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(Error::Http(line.clone()))?;
+            let line = String::from_utf8_lossy(&self.head[..end])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let status: u16 = line
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or(Error::Http(line.clone()))?;
             if status != 101 {
                 return Err(Error::Status(status));
             }
@@ -281,7 +289,10 @@ impl WsReader {
             let (fin, op, masked) = (b[0] & 0x80 != 0, b[0] & 0x0F, b[1] & 0x80 != 0);
             let (len, at) = match b[1] & 0x7F {
                 126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize, 10),
+                127 if b.len() >= 10 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize,
+                    10,
+                ),
                 126 | 127 => break,
                 n => (usize::from(n), 2),
             };
@@ -413,7 +424,10 @@ mod tests {
             assert_eq!(got[3].len(), 300);
             assert_eq!(got[4], "close");
         }
-        assert_eq!(WsReader::default().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n", &mut |_| {}), Err(Error::Status(400)));
+        assert_eq!(
+            WsReader::default().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n", &mut |_| {}),
+            Err(Error::Status(400))
+        );
     }
 
     #[test]
