@@ -198,7 +198,11 @@ fn client_left(stream: &TcpStream) -> bool {
 
 /// Writes without waiting when the socket has room (the usual case); the
 /// rest goes through a boxed write bounded by `limit`.
-async fn write(stream: &mut TcpStream, mut bytes: Bytes, limit: Duration) -> Result<(), ()> {
+pub(super) async fn write(
+    stream: &mut TcpStream,
+    mut bytes: Bytes,
+    limit: Duration,
+) -> Result<(), ()> {
     while !bytes.is_empty() {
         match stream.try_write(&bytes) {
             Ok(n) => bytes.advance(n),

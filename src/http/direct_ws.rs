@@ -12,12 +12,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::direct::write;
 use super::ws::{CLOSE_SLOW, handle, subscribed_json};
 use super::{State as AppState, channel_list, query_pairs};
 use crate::config::MAX_WS_CLIENT_MESSAGE_BYTES;
@@ -303,23 +303,6 @@ fn read(stream: &TcpStream, decoder: &mut Decoder) -> Read {
     }
     decoder.release();
     Read::Frames(frames)
-}
-
-async fn write(stream: &mut TcpStream, mut bytes: Bytes, limit: Duration) -> Result<(), ()> {
-    while !bytes.is_empty() {
-        match stream.try_write(&bytes) {
-            Ok(n) => bytes.advance(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return Err(()),
-        }
-    }
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    match Box::pin(tokio::time::timeout(limit, stream.write_all(&bytes))).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
 }
 
 /// A whole message or control frame from the client.
