@@ -287,7 +287,7 @@ impl WsReader {
                 break;
             }
             let (fin, op, masked) = (b[0] & 0x80 != 0, b[0] & 0x0F, b[1] & 0x80 != 0);
-            let (len, at) = match b[1] & 0x7F {
+            let (len, at): (usize, usize) = match b[1] & 0x7F {
                 126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
                 127 if b.len() >= 10 => (
                     u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize,
@@ -299,11 +299,15 @@ impl WsReader {
             if masked {
                 return Err(Error::Http("server frames must not be masked".into()));
             }
-            if b.len() < at + len {
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= 64 * 1024 * 1024)
+                .ok_or_else(|| Error::Http("WebSocket frame too large".into()))?;
+            if b.len() < end {
                 break;
             }
-            let payload = b[at..at + len].to_vec();
-            self.buf.drain(..at + len);
+            let payload = b[at..end].to_vec();
+            self.buf.drain(..end);
             match op {
                 0x8 => on(WsItem::Close),
                 0x9 => on(WsItem::Ping(payload)),
@@ -431,11 +435,45 @@ mod tests {
     }
 
     #[test]
+    fn absurd_websocket_lengths_are_refused_not_overflowed() {
+        let mut r = WsReader::default();
+        r.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut |_| {})
+            .unwrap();
+        let frame = [0x81, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(r.feed(&frame, &mut |_| {}).is_err());
+    }
+
+    #[test]
     fn marks_the_stream_open_at_the_end_of_the_headers() {
         let mut r = SseReader::new();
         r.feed(b"HTTP/1.1 200 OK\r\n", &mut |_| {}).unwrap();
         assert!(!r.open);
         r.feed(b"\r\n", &mut |_| {}).unwrap();
         assert!(r.open);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The load generator's readers never panic on what a server sends.
+        #[test]
+        fn readers_survive_any_input(body in prop::collection::vec(any::<u8>(), 0..2048), chunked in any::<bool>()) {
+            let head: &[u8] = if chunked {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\n\r\n"
+            };
+            let mut sse = SseReader::new();
+            let _ = sse.feed(head, &mut |_| {});
+            let _ = sse.feed(&body, &mut |_| {});
+            let mut ws = WsReader::default();
+            let _ = ws.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &mut |_| {});
+            let _ = ws.feed(&body, &mut |_| {});
+        }
     }
 }

@@ -506,3 +506,95 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    proptest! {
+        /// Arbitrary bytes from a client never panic the decoder, and
+        /// nothing it returns breaks the limits.
+        #[test]
+        fn the_decoder_survives_any_input(input in prop::collection::vec(any::<u8>(), 0..4096), split in 0usize..4096) {
+            let mut d = Decoder::default();
+            let split = split.min(input.len());
+            for part in [&input[..split], &input[split..]] {
+                d.buf.extend_from_slice(part);
+                loop {
+                    match d.next() {
+                        Ok(Some(Frame::Text(t))) => prop_assert!(t.len() <= MAX_WS_CLIENT_MESSAGE_BYTES),
+                        Ok(Some(Frame::Ping(p))) => prop_assert!(p.len() <= 125),
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err((code, _)) => {
+                            prop_assert!([code::PROTOCOL, code::UNSUPPORTED, code::INVALID, code::SIZE].contains(&code));
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Valid text messages, fragmented at random and masked with random
+        /// keys, come out whole and in order.
+        #[test]
+        fn fragmented_messages_decode_exactly(
+            messages in prop::collection::vec("[ -~]{0,300}", 1..6),
+            cuts in prop::collection::vec(0usize..300, 6),
+            mask in any::<[u8; 4]>(),
+        ) {
+            let mut wire = vec![];
+            for (m, cut) in messages.iter().zip(&cuts) {
+                let cut = (*cut).min(m.len());
+                if cut == 0 {
+                    wire.extend(masked(0x81, m.as_bytes(), mask));
+                } else {
+                    wire.extend(masked(0x01, &m.as_bytes()[..cut], mask));
+                    wire.extend(masked(0x89, b"ping", mask)); // control frames may interleave
+                    wire.extend(masked(0x80, &m.as_bytes()[cut..], mask));
+                }
+            }
+            let mut d = Decoder { buf: wire, ..Decoder::default() };
+            let mut got = vec![];
+            while let Some(f) = d.next().unwrap() {
+                if let Frame::Text(t) = f {
+                    got.push(t);
+                }
+            }
+            prop_assert_eq!(got, messages);
+        }
+
+        /// Arbitrary request heads never panic either direct path's parser.
+        #[test]
+        fn request_heads_never_panic(head in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(&head);
+            let _ = super::super::direct::parse(&head);
+        }
+
+        /// Arbitrary text after a plausible prefix never panics them either.
+        #[test]
+        fn plausible_heads_never_panic(rest in "[ -~\r\n%?&=/]{0,400}") {
+            for prefix in ["GET /ws?", "GET /channel/", "GET /events?stream=", "GET /"] {
+                let head = format!("{prefix}{rest}\r\n\r\n");
+                let _ = parse(head.as_bytes());
+                let _ = super::super::direct::parse(head.as_bytes());
+            }
+        }
+    }
+}
