@@ -29,9 +29,6 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The server failed.
-    #[error("the HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// A bound, not yet running node.
@@ -107,21 +104,18 @@ impl App {
             http::serve(listener, router, state).await;
             tasks.close();
             tasks.wait().await;
-            Ok::<(), std::io::Error>(())
         };
-        tokio::pin!(served);
-        let result = tokio::select! {
-            r = &mut served => r,
+        tokio::select! {
+            () = served => {}
             () = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "connections still open after the grace period; exiting anyway");
-                Ok(())
             }
-        };
+        }
         tracing::info!("herald stopped");
-        result.map_err(Error::Serve)
+        Ok(())
     }
 }
 

@@ -30,9 +30,12 @@ pub(super) struct Subscribe {
     origin: Option<String>,
 }
 
-/// Reads an SSE subscribe out of a request head; `None` for anything else
-/// (which hyper then serves, errors included).
-pub(super) fn parse(head: &[u8]) -> Option<Subscribe> {
+/// Parses a complete HTTP/1.1 `GET` head and hands its path, query and
+/// headers to `f`; `None` for anything else. Both direct paths start here.
+pub(super) fn get_request<T>(
+    head: &[u8],
+    f: impl FnOnce(&str, Option<&str>, &[httparse::Header<'_>]) -> Option<T>,
+) -> Option<T> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
@@ -41,9 +44,27 @@ pub(super) fn parse(head: &[u8]) -> Option<Subscribe> {
     if req.method != Some("GET") || req.version != Some(1) {
         return None;
     }
+    let (path, query) = match req.path?.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path?, None),
+    };
+    f(path, query, req.headers)
+}
+
+/// Reads an SSE subscribe out of a request head; `None` for anything else
+/// (which hyper then serves, errors included).
+pub(super) fn parse(head: &[u8]) -> Option<Subscribe> {
+    get_request(head, parse_subscribe)
+}
+
+fn parse_subscribe(
+    path: &str,
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+) -> Option<Subscribe> {
     let mut last_event_id = None;
     let mut origin = None;
-    for h in req.headers.iter() {
+    for h in headers {
         let name = h.name.to_ascii_lowercase();
         match name.as_str() {
             "last-event-id" => last_event_id = Some(String::from_utf8_lossy(h.value).into_owned()),
@@ -53,11 +74,6 @@ pub(super) fn parse(head: &[u8]) -> Option<Subscribe> {
             _ => {}
         }
     }
-    let target = req.path?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target, None),
-    };
     let segments: Vec<String> = path
         .strip_prefix('/')?
         .split('/')
@@ -88,16 +104,7 @@ pub(super) fn parse(head: &[u8]) -> Option<Subscribe> {
         }
         _ => return None,
     };
-    let resume = Resume::parse(
-        last_event_id
-            .or_else(|| {
-                query_pairs(query)
-                    .into_iter()
-                    .find(|(k, _)| k == "lastEventId")
-                    .map(|(_, v)| v)
-            })
-            .as_deref(),
-    );
+    let resume = sse::resume(last_event_id, query);
     Some(Subscribe {
         channels,
         client,

@@ -11,19 +11,17 @@
 //! same protocol and errors.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::direct::write;
-use super::ws::{CLOSE_SLOW, handle, subscribed_json};
-use super::{State as AppState, channel_list, query_pairs};
+use super::direct::{get_request, write};
+use super::ws::{self, CLOSE_SLOW, Registered, handle, subscribed_json};
+use super::{State as AppState, channel_list, join, query_pairs, sse};
 use crate::config::MAX_WS_CLIENT_MESSAGE_BYTES;
 use crate::hub::{
-    Batch, ChannelName, ClientId, Item, Outbox, Resume, Subscription, opcode, ws_server_frame,
-    ws_text_frame,
+    Batch, ChannelName, Item, Resume, Subscription, opcode, ws_server_frame, ws_text_frame,
 };
 
 /// Close codes (RFC 6455 section 7.4.1).
@@ -46,17 +44,17 @@ pub(super) struct Upgrade {
 /// Reads a WebSocket upgrade to `/ws` out of a request head; `None` for
 /// anything else.
 pub(super) fn parse(head: &[u8]) -> Option<Upgrade> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
-    if req.method != Some("GET") || req.version != Some(1) {
-        return None;
-    }
+    get_request(head, parse_upgrade)
+}
+
+fn parse_upgrade(
+    path: &str,
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+) -> Option<Upgrade> {
     let (mut upgrade, mut connection, mut version, mut key, mut last_event_id) =
         (false, false, false, None, None);
-    for h in req.headers.iter() {
+    for h in headers {
         let value = std::str::from_utf8(h.value).ok()?.trim();
         match h.name.to_ascii_lowercase().as_str() {
             "upgrade" => upgrade = value.eq_ignore_ascii_case("websocket"),
@@ -76,10 +74,6 @@ pub(super) fn parse(head: &[u8]) -> Option<Upgrade> {
         return None;
     }
     let key = key.filter(|k| k.len() == 24)?;
-    let (path, query) = match req.path?.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (req.path?, None),
-    };
     if path != "/ws" {
         return None;
     }
@@ -97,51 +91,29 @@ pub(super) fn parse(head: &[u8]) -> Option<Upgrade> {
             .map(|(_, v)| v.as_str()),
     )
     .ok()?;
-    let param = pairs
-        .into_iter()
-        .find(|(k, _)| k == "lastEventId")
-        .map(|(_, v)| v);
     Some(Upgrade {
         key,
         channels,
-        resume: Resume::parse(last_event_id.or(param).as_deref()),
+        resume: sse::resume(last_event_id, query),
     })
-}
-
-/// A registered WebSocket subscriber.
-pub(super) struct Session {
-    client: ClientId,
-    outbox: Arc<Outbox>,
-    subs: HashMap<ChannelName, Subscription>,
 }
 
 /// Registers the subscriber on its initial channels; `None` if the hub
 /// refuses (hyper then answers with the error).
-pub(super) fn register(state: &AppState, up: &Upgrade) -> Option<Session> {
-    if state.shutdown.is_cancelled() {
-        return None;
-    }
-    let client = ClientId::generate();
-    let outbox = state.hub.outbox();
-    let mut subs = HashMap::new();
-    for c in &up.channels {
-        subs.insert(
-            c.clone(),
-            state.hub.subscribe(c, &client, &outbox, &up.resume).ok()?,
-        );
-    }
-    Some(Session {
-        client,
-        outbox,
-        subs,
-    })
+pub(super) fn register(state: &AppState, up: &Upgrade) -> Option<Registered> {
+    ws::register(state, &up.channels, &up.resume).ok()
 }
 
 /// Serves the WebSocket until either side closes, the subscriber falls too
 /// far behind, it stops answering pings, or the hub shuts down.
-pub(super) async fn serve(mut stream: TcpStream, state: AppState, up: Upgrade, session: Session) {
+pub(super) async fn serve(
+    mut stream: TcpStream,
+    state: AppState,
+    up: Upgrade,
+    session: Registered,
+) {
     let _guard = state.hub.connection();
-    let Session {
+    let Registered {
         client,
         outbox,
         mut subs,
@@ -246,21 +218,10 @@ fn encode(
     items: std::collections::VecDeque<Item>,
     subs: &HashMap<ChannelName, Subscription>,
 ) -> Bytes {
-    let frames: Vec<Bytes> = items
-        .into_iter()
-        .filter_map(|item| match item {
-            Item::Event(e) => subs.contains_key(&e.channel).then(|| e.ws_frame().clone()),
-            Item::Reset(r) => Some(ws_text_frame(&r.ws())),
-        })
-        .collect();
-    if frames.len() == 1 {
-        return frames.into_iter().next().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-    for f in &frames {
-        out.extend_from_slice(f);
-    }
-    out.freeze()
+    join(items.into_iter().filter_map(|item| match item {
+        Item::Event(e) => subs.contains_key(&e.channel).then(|| e.ws_frame().clone()),
+        Item::Reset(r) => Some(ws_text_frame(&r.ws())),
+    }))
 }
 
 enum Read {
@@ -409,7 +370,11 @@ mod tests {
     use super::*;
 
     fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
+        masked(first, payload, [1, 2, 3, 4])
+    }
+
+    /// A client frame: masked with `mask`, as RFC 6455 requires.
+    pub(super) fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut out = vec![first];
         match payload.len() {
             n if n < 126 => out.push(0x80 | n as u8),
@@ -511,21 +476,8 @@ mod tests {
 mod fuzz {
     use proptest::prelude::*;
 
+    use super::tests::masked;
     use super::*;
-
-    fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
 
     proptest! {
         /// Arbitrary bytes from a client never panic the decoder, and

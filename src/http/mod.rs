@@ -147,6 +147,25 @@ where
     }
 }
 
+/// Frames queued for one connection, written together: a single frame is
+/// sent as its shared bytes (no copy); several are concatenated.
+fn join(frames: impl IntoIterator<Item = bytes::Bytes>) -> bytes::Bytes {
+    let mut frames = frames.into_iter();
+    let Some(first) = frames.next() else {
+        return bytes::Bytes::new();
+    };
+    let Some(second) = frames.next() else {
+        return first;
+    };
+    let mut out = bytes::BytesMut::with_capacity(first.len() + second.len());
+    out.extend_from_slice(&first);
+    out.extend_from_slice(&second);
+    for f in frames {
+        out.extend_from_slice(&f);
+    }
+    out.freeze()
+}
+
 /// Reads `name=value` pairs of a query string (repeated names allowed).
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, PathParams, State as AppState, channel_list, query_pairs};
@@ -71,6 +71,13 @@ pub(super) fn resume_from(headers: &HeaderMap, query: Option<&str>) -> Resume {
     let header = headers
         .get("last-event-id")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    resume(header, query)
+}
+
+/// Where a subscriber starts: the `Last-Event-ID` header if it sent one,
+/// else the `lastEventId` query parameter (an `EventSource` cannot set
+/// headers on its first connect, nor can a browser WebSocket).
+pub(super) fn resume(header: Option<String>, query: Option<&str>) -> Resume {
     let param = || {
         query_pairs(query)
             .into_iter()
@@ -179,19 +186,10 @@ impl Conn {
     }
 }
 
-/// One item is sent as its shared bytes; several are written together.
+/// The SSE frames of a batch, written together.
 pub(super) fn encode(items: VecDeque<Item>) -> Bytes {
-    let frame = |item: &Item| match item {
+    super::join(items.iter().map(|item| match item {
         Item::Event(e) => e.sse().clone(),
         Item::Reset(r) => r.sse(),
-    };
-    if items.len() == 1 {
-        return frame(&items[0]);
-    }
-    let frames: Vec<Bytes> = items.iter().map(frame).collect();
-    let mut out = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-    for f in &frames {
-        out.extend_from_slice(f);
-    }
-    out.freeze()
+    }))
 }

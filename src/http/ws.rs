@@ -47,15 +47,12 @@ pub(super) async fn upgrade(
             .filter(|(k, _)| k == "channel")
             .map(|(_, v)| v.as_str()),
     )?;
-    let resume = resume_from(&headers, query.as_deref());
-    let client = ClientId::generate();
-    let outbox = state.hub.outbox();
     // Register before the 101 so nothing published after it is missed.
-    let mut subs = HashMap::new();
-    for c in &channels {
-        let s = state.hub.subscribe(c, &client, &outbox, &resume)?;
-        subs.insert(c.clone(), s);
-    }
+    let Registered {
+        client,
+        outbox,
+        subs,
+    } = register(&state, &channels, &resume_from(&headers, query.as_deref()))?;
     let tasks = state.tasks.clone();
     Ok(ws
         // tungstenite allocates its read buffer up front (128 KiB by
@@ -75,6 +72,34 @@ pub(super) async fn upgrade(
             };
             tasks.track_future(conn.run(socket, channels))
         }))
+}
+
+/// A WebSocket subscriber registered on its initial channels.
+pub(super) struct Registered {
+    pub(super) client: ClientId,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) subs: HashMap<ChannelName, Subscription>,
+}
+
+/// Registers a new WebSocket subscriber on `channels`, queueing what
+/// `resume` asks for. Shared by the hyper WebSocket and the direct one.
+pub(super) fn register(
+    state: &AppState,
+    channels: &[ChannelName],
+    resume: &Resume,
+) -> Result<Registered, ApiError> {
+    state.check_not_draining()?;
+    let client = ClientId::generate();
+    let outbox = state.hub.outbox();
+    let mut subs = HashMap::new();
+    for c in channels {
+        subs.insert(c.clone(), state.hub.subscribe(c, &client, &outbox, resume)?);
+    }
+    Ok(Registered {
+        client,
+        outbox,
+        subs,
+    })
 }
 
 struct Conn {
