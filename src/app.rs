@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::http;
 use crate::hub::Hub;
+use crate::k8s;
 
 /// Errors that stop a node.
 #[derive(Debug, thiserror::Error)]
@@ -29,15 +30,38 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The spa-reloader compatible listener could not be bound.
+    #[error("cannot listen on {addr} (--spa-compat-listen / SPA_WEBSOCKET_PORT)")]
+    BindCompat {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Kubernetes client could not be set up.
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::Error),
 }
 
 /// A bound, not yet running node.
-#[derive(Debug)]
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
     config: Arc<Config>,
     hub: Arc<Hub>,
+    kube: Option<kube::Client>,
+    compat: Option<(TcpListener, SocketAddr)>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addr", &self.addr)
+            .field("compat", &self.compat_addr())
+            .field("kube", &self.kube.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl App {
@@ -54,18 +78,40 @@ impl App {
             addr: config.listen,
             source,
         })?;
+        let compat = match config.spa_compat_listen {
+            None => None,
+            Some(addr) => {
+                let bind_err = |source| Error::BindCompat { addr, source };
+                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let local = l.local_addr().map_err(bind_err)?;
+                Some((l, local))
+            }
+        };
+        // A bad kubeconfig fails the start, not the first watch.
+        let kube = if config.kube.enabled() {
+            Some(k8s::client(&config.kube).await?)
+        } else {
+            None
+        };
         let hub = Hub::new(config.hub());
         Ok(Self {
             listener,
             addr,
             config: Arc::new(config),
             hub,
+            kube,
+            compat,
         })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The spa-reloader compatible listener's address, if enabled.
+    pub fn compat_addr(&self) -> Option<SocketAddr> {
+        self.compat.as_ref().map(|(_, a)| *a)
     }
 
     /// The hub (for embedding and tests).
@@ -81,12 +127,17 @@ impl App {
             addr,
             config,
             hub,
+            kube,
+            compat,
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
         let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
         tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
+        let sources = kube
+            .map(|client| k8s::Sources::start(&client, &config.kube, &hub, &tasks, &shutdown));
         let state = http::State {
+            sources,
             hub,
             config: config.clone(),
             shutdown: shutdown.clone(),
@@ -94,6 +145,10 @@ impl App {
             ticks,
         };
         let router = http::router(state.clone());
+        if let Some((listener, addr)) = compat {
+            tracing::info!(%addr, "spa-reloader compatible WebSocket is listening");
+            tasks.spawn(http::spa_compat::serve(listener, state.clone()));
+        }
         tracing::info!(%addr, node = %config.node_name, "herald is listening");
         let grace = config.shutdown_grace;
         // The accept loop stops on the token (closing the listener); every

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 
 use crate::config::{self, Config, Cors, Secret};
+use crate::k8s;
 
 /// herald: a push hub for browsers (Server-Sent Events and WebSocket).
 #[derive(Debug, Parser)]
@@ -105,6 +106,51 @@ pub struct ServeArgs {
     /// A write blocked this long drops the connection.
     #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     pub write_timeout: Duration,
+    /// Kubeconfig file [default: the in-cluster service account, then KUBECONFIG, then ~/.kube/config].
+    #[arg(long, env = "HERALD_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Announce new versions of this Deployment to `k8s.deployment:NAMESPACE:NAME` (repeatable).
+    #[arg(long, env = "HERALD_WATCH_DEPLOYMENT", value_name = "NAMESPACE/NAME", value_delimiter = ',', value_parser = k8s::Deployments::parse_named)]
+    pub watch_deployment: Vec<k8s::Deployments>,
+    /// Announce new versions of every Deployment of a namespace (repeatable).
+    #[arg(long, env = "HERALD_WATCH_DEPLOYMENTS", value_name = "NAMESPACE", value_delimiter = ',', value_parser = k8s::Deployments::parse_all)]
+    pub watch_deployments: Vec<k8s::Deployments>,
+    /// Announce new versions of the Deployments a label selector matches (repeatable).
+    #[arg(long, env = "HERALD_WATCH_SELECTOR", value_name = "NAMESPACE/SELECTOR", value_parser = k8s::Deployments::parse_selected)]
+    pub watch_selector: Vec<k8s::Deployments>,
+    /// When a new version is live: the rollout is complete, or the first new pod is Ready.
+    #[arg(long, env = "HERALD_ANNOUNCE_ON", value_enum, default_value = "complete")]
+    pub announce_on: AnnounceOnArg,
+    /// Re-evaluate watched Deployments this often even without a change [default: 30s, or $SPA_RESYNC_SEC seconds].
+    #[arg(long, env = "HERALD_RESYNC", value_parser = config::parse_duration)]
+    pub resync: Option<Duration>,
+    /// Stream the Events of this namespace to `k8s.events:NAMESPACE` (repeatable; `*` = all).
+    #[arg(long, env = "HERALD_WATCH_EVENTS", value_name = "NAMESPACE", value_delimiter = ',', value_parser = k8s::EventScope::parse)]
+    pub watch_events: Vec<k8s::EventScope>,
+    /// Also serve spa-reloader's WebSocket here: every path, one JSON version per frame.
+    #[arg(long, env = "HERALD_SPA_COMPAT_LISTEN", value_name = "ADDR")]
+    pub spa_compat_listen: Option<SocketAddr>,
+    /// Compatibility (spa-reloader): the namespace watched [default: default].
+    #[arg(long, env = "SPA_NAMESPACE", hide = true)]
+    pub spa_namespace: Option<String>,
+    /// Compatibility (spa-reloader): the Deployment watched (empty = all of the namespace).
+    #[arg(long, env = "SPA_NAME", hide = true)]
+    pub spa_name: Option<String>,
+    /// Compatibility (spa-reloader): resync period in seconds.
+    #[arg(long, env = "SPA_RESYNC_SEC", hide = true)]
+    pub spa_resync_sec: Option<String>,
+    /// Compatibility (spa-reloader): port of the WebSocket listener (all interfaces).
+    #[arg(long, env = "SPA_WEBSOCKET_PORT", hide = true)]
+    pub spa_websocket_port: Option<u16>,
+}
+
+/// `--announce-on`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AnnounceOnArg {
+    /// When the rollout is complete (every replica updated and available, no old pod left).
+    Complete,
+    /// As soon as the first new pod is Ready.
+    FirstReady,
 }
 
 impl ServeArgs {
@@ -114,6 +160,7 @@ impl ServeArgs {
             let port = self.http_server_port.unwrap_or(8080);
             SocketAddr::from(([0, 0, 0, 0], port))
         });
+        let kube = self.kube_options()?;
         let cors = if self.http_server_enable_cors || self.cors_origin.iter().any(|o| o == "*") {
             Cors::Any
         } else if self.cors_origin.is_empty() {
@@ -131,7 +178,12 @@ impl ServeArgs {
             }
             Cors::Origins(self.cors_origin)
         };
+        let spa_compat_listen = self
+            .spa_compat_listen
+            .or_else(|| self.spa_websocket_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))));
         let config = Config {
+            kube,
+            spa_compat_listen,
             listen,
             node_name: self.node_name.unwrap_or_else(config::default_node_name),
             heartbeat: self.heartbeat,
@@ -148,6 +200,61 @@ impl ServeArgs {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl ServeArgs {
+    /// The Kubernetes sources: herald's flags, plus spa-reloader's
+    /// environment when any of it is set (`SPA_NAMESPACE` defaulting to
+    /// `default`, `SPA_NAME` empty or unset = every Deployment).
+    fn kube_options(&self) -> Result<k8s::Options, config::ConfigError> {
+        let mut deployments: Vec<k8s::Deployments> = self
+            .watch_deployment
+            .iter()
+            .chain(&self.watch_deployments)
+            .chain(&self.watch_selector)
+            .cloned()
+            .collect();
+        let spa = self.spa_namespace.is_some()
+            || self.spa_name.is_some()
+            || self.spa_websocket_port.is_some()
+            || self.spa_resync_sec.is_some();
+        if spa {
+            let ns = self.spa_namespace.as_deref().unwrap_or("default");
+            let target = match self.spa_name.as_deref().map(str::trim) {
+                None | Some("") => k8s::Deployments::parse_all(ns),
+                Some(name) => k8s::Deployments::parse_named(&format!("{ns}/{name}")),
+            };
+            let target = target.map_err(|message| config::ConfigError::Invalid {
+                flag: "SPA_NAMESPACE/SPA_NAME",
+                message,
+            })?;
+            if !deployments.contains(&target) {
+                deployments.push(target);
+            }
+        }
+        let resync = match (self.resync, &self.spa_resync_sec) {
+            (Some(d), _) => d,
+            (None, Some(secs)) => secs
+                .trim()
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .map_err(|_| config::ConfigError::Invalid {
+                    flag: "SPA_RESYNC_SEC",
+                    message: format!("{secs:?} is not a whole number of seconds"),
+                })?,
+            (None, None) => config::DEFAULT_RESYNC,
+        };
+        Ok(k8s::Options {
+            kubeconfig: self.kubeconfig.clone(),
+            deployments,
+            announce_on: match self.announce_on {
+                AnnounceOnArg::Complete => k8s::AnnounceOn::Complete,
+                AnnounceOnArg::FirstReady => k8s::AnnounceOn::FirstReady,
+            },
+            resync,
+            events: self.watch_events.clone(),
+        })
     }
 }
 

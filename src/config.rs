@@ -78,6 +78,8 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default time a blocked write may take before the connection is dropped.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval of re-evaluating watched Deployments without a change.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 /// Most channels one connection may subscribe to.
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 256;
 /// Largest message a WebSocket client may send.
@@ -112,6 +114,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// A write blocked this long drops the connection.
     pub write_timeout: Duration,
+    /// Kubernetes sources (Deployment versions, Events).
+    pub kube: crate::k8s::Options,
+    /// The spa-reloader compatible WebSocket listener, if any.
+    pub spa_compat_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -131,6 +137,11 @@ impl Config {
             cors: Cors::Off,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            kube: crate::k8s::Options {
+                resync: DEFAULT_RESYNC,
+                ..crate::k8s::Options::default()
+            },
+            spa_compat_listen: None,
         }
     }
 
@@ -163,6 +174,30 @@ impl Config {
             return Err(ConfigError::Invalid {
                 flag: "--publish-token",
                 message: "must not be empty".into(),
+            });
+        }
+        if self.kube.resync.is_zero() {
+            return Err(ConfigError::Zero { flag: "--resync" });
+        }
+        if let Some(compat) = self.spa_compat_listen
+            && compat.port() != 0
+            && compat.port() == self.listen.port()
+            && (compat.ip() == self.listen.ip()
+                || compat.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid {
+                flag: "--spa-compat-listen",
+                message: format!(
+                    "{compat} (SPA_WEBSOCKET_PORT) collides with --listen {}; give one of them another port",
+                    self.listen
+                ),
+            });
+        }
+        if self.spa_compat_listen.is_some() && self.kube.deployments.is_empty() {
+            return Err(ConfigError::Invalid {
+                flag: "--spa-compat-listen",
+                message: "announces Deployment versions, but no Deployment is watched; add --watch-deployment, --watch-deployments or --watch-selector".into(),
             });
         }
         if self.node_name.is_empty() {

@@ -6,7 +6,9 @@
 //! [`app`] composes everything and owns the shutdown; [`config`] is the
 //! typed configuration; [`cli`] is the command line (including the
 //! `publish` and `subscribe` clients); [`shutdown`] turns signals into
-//! cancellation; [`bench`] is the load generator (`herald bench`).
+//! cancellation; [`bench`] is the load generator (`herald bench`);
+//! [`k8s`] watches Kubernetes (Deployment versions, Events) and publishes
+//! into the hub.
 
 pub mod app;
 pub mod bench;
@@ -14,4 +16,5 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod k8s;
 pub mod shutdown;

@@ -11,6 +11,7 @@ mod listener;
 mod ops;
 mod publish;
 mod server;
+pub mod spa_compat;
 mod sse;
 mod ws;
 
@@ -41,6 +42,8 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The Kubernetes sources, if any are configured.
+    pub sources: Option<Arc<crate::k8s::Sources>>,
     /// Ticks every `--heartbeat`: one shared timer instead of one per idle
     /// stream (see [`heartbeat`]).
     pub ticks: tokio::sync::watch::Receiver<u64>,
@@ -63,6 +66,20 @@ pub async fn heartbeat(
 }
 
 impl State {
+    /// A state of its own: a new hub for `config`, a fresh shutdown
+    /// token and tracker, a heartbeat that never ticks, no Kubernetes
+    /// sources. For embedding a router and for tests.
+    pub fn new(config: Config) -> Self {
+        Self {
+            hub: Hub::new(config.hub()),
+            config: Arc::new(config),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            sources: None,
+            ticks: tokio::sync::watch::channel(0).1,
+        }
+    }
+
     /// Refuses new subscriptions while draining.
     fn check_not_draining(&self) -> Result<(), ApiError> {
         if self.shutdown.is_cancelled() {

@@ -17,6 +17,11 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "status": "draining" })),
         )
+    } else if state.sources.as_ref().is_some_and(|s| !s.synced()) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "syncing", "waiting_for": "the Kubernetes watchers' first list" })),
+        )
     } else {
         (
             StatusCode::OK,
@@ -30,7 +35,8 @@ pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
     Json(serde_json::json!({
         "node": state.config.node_name,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": !state.shutdown.is_cancelled(),
+        "ready": !state.shutdown.is_cancelled() && state.sources.as_ref().is_none_or(|s| s.synced()),
+        "kubernetes": state.sources.as_ref().map(|s| serde_json::json!({ "synced": s.synced() })),
         "connections": hub.connections,
         "slow_consumers_disconnected": hub.slow_consumers_disconnected,
         "events_published": hub.events_published,

@@ -192,13 +192,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let config = crate::config::Config::defaults(addr);
-        let state = State {
-            hub: crate::hub::Hub::new(config.hub()),
-            config: std::sync::Arc::new(config),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            tasks: tokio_util::task::TaskTracker::new(),
-            ticks: tokio::sync::watch::channel(0).1,
-        };
+        let state = State::new(config);
         let mut c2 = TcpStream::connect(addr).await.unwrap();
         let head = read_head(&mut c2, &state);
         eprintln!("read_head future: {} bytes", std::mem::size_of_val(&head));

@@ -121,6 +121,18 @@ enum ClientMessage {
     Unsubscribe {
         channel: String,
     },
+    /// The crane UI's request: a namespace's Events as an `EventList`.
+    /// The UI also sent the user's token in-band; it is accepted and
+    /// ignored (never logged): herald answers from the Events it already
+    /// watches, with its own credentials, and only for namespaces it was
+    /// told to publish.
+    #[serde(rename = "GET_EVENTS")]
+    GetEvents {
+        namespace: Option<String>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        token: Option<serde::de::IgnoredAny>,
+    },
 }
 
 /// How the connection ends.
@@ -288,7 +300,25 @@ pub(super) fn handle(
                     None => vec![error_json(&format!("not subscribed to {channel:?}"))],
                 }
             }
+            ClientMessage::GetEvents { namespace, .. } => vec![get_events(state, namespace)],
         }
+    }
+}
+
+/// `{"type":"GET_EVENTS","data":<EventList>}`, or an error naming what
+/// to do.
+fn get_events(state: &AppState, namespace: Option<String>) -> serde_json::Value {
+    let Some(sources) = &state.sources else {
+        return error_json(
+            "herald watches no Kubernetes Events; start it with --watch-events NAMESPACE",
+        );
+    };
+    let Some(namespace) = namespace.filter(|n| !n.is_empty()) else {
+        return error_json("GET_EVENTS needs a namespace: {\"type\":\"GET_EVENTS\",\"namespace\":\"NS\"}");
+    };
+    match sources.event_list(&namespace) {
+        Ok(list) => serde_json::json!({"type": "GET_EVENTS", "data": list}),
+        Err(e) => error_json(&e.to_string()),
     }
 }
 

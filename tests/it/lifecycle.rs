@@ -57,13 +57,7 @@ async fn a_channel_leaves_status_when_its_last_subscriber_goes_and_nothing_is_ke
 #[tokio::test]
 async fn draining_answers_503_on_readyz_and_new_subscriptions() {
     let c = config();
-    let state = herald::http::State {
-        hub: herald::hub::Hub::new(c.hub()),
-        config: std::sync::Arc::new(c),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-        tasks: tokio_util::task::TaskTracker::new(),
-        ticks: tokio::sync::watch::channel(0).1,
-    };
+    let state = herald::http::State::new(c);
     state.shutdown.cancel();
     let router = herald::http::router(state);
     let r = router

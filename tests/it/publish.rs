@@ -291,13 +291,7 @@ async fn a_publish_token_is_required_when_set() {
 }
 
 fn state(config: herald::config::Config) -> herald::http::State {
-    herald::http::State {
-        hub: herald::hub::Hub::new(config.hub()),
-        config: std::sync::Arc::new(config),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-        tasks: tokio_util::task::TaskTracker::new(),
-        ticks: tokio::sync::watch::channel(0).1,
-    }
+    herald::http::State::new(config)
 }
 
 async fn publish_from(
