@@ -134,8 +134,8 @@ impl App {
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
         let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
         tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
-        let sources = kube
-            .map(|client| k8s::Sources::start(&client, &config.kube, &hub, &tasks, &shutdown));
+        let sources =
+            kube.map(|client| k8s::Sources::start(&client, &config.kube, &hub, &tasks, &shutdown));
         let state = http::State {
             sources,
             hub,

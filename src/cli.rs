@@ -119,7 +119,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_WATCH_SELECTOR", value_name = "NAMESPACE/SELECTOR", value_parser = k8s::Deployments::parse_selected)]
     pub watch_selector: Vec<k8s::Deployments>,
     /// When a new version is live: the rollout is complete, or the first new pod is Ready.
-    #[arg(long, env = "HERALD_ANNOUNCE_ON", value_enum, default_value = "complete")]
+    #[arg(
+        long,
+        env = "HERALD_ANNOUNCE_ON",
+        value_enum,
+        default_value = "complete"
+    )]
     pub announce_on: AnnounceOnArg,
     /// Re-evaluate watched Deployments this often even without a change [default: 30s, or $SPA_RESYNC_SEC seconds].
     #[arg(long, env = "HERALD_RESYNC", value_parser = config::parse_duration)]
@@ -178,9 +183,10 @@ impl ServeArgs {
             }
             Cors::Origins(self.cors_origin)
         };
-        let spa_compat_listen = self
-            .spa_compat_listen
-            .or_else(|| self.spa_websocket_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))));
+        let spa_compat_listen = self.spa_compat_listen.or_else(|| {
+            self.spa_websocket_port
+                .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+        });
         let config = Config {
             kube,
             spa_compat_listen,

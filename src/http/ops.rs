@@ -20,7 +20,9 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else if state.sources.as_ref().is_some_and(|s| !s.synced()) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "syncing", "waiting_for": "the Kubernetes watchers' first list" })),
+            Json(
+                serde_json::json!({ "status": "syncing", "waiting_for": "the Kubernetes watchers' first list" }),
+            ),
         )
     } else {
         (

@@ -314,7 +314,9 @@ fn get_events(state: &AppState, namespace: Option<String>) -> serde_json::Value 
         );
     };
     let Some(namespace) = namespace.filter(|n| !n.is_empty()) else {
-        return error_json("GET_EVENTS needs a namespace: {\"type\":\"GET_EVENTS\",\"namespace\":\"NS\"}");
+        return error_json(
+            "GET_EVENTS needs a namespace: {\"type\":\"GET_EVENTS\",\"namespace\":\"NS\"}",
+        );
     };
     match sources.event_list(&namespace) {
         Ok(list) => serde_json::json!({"type": "GET_EVENTS", "data": list}),

@@ -59,7 +59,9 @@ where
     let driver = stream.for_each(move |event| {
         match event {
             Ok(_) => changed.notify_one(),
-            Err(e) => tracing::warn!(%kind, error = %e, "Kubernetes watch failed; retrying with backoff"),
+            Err(e) => {
+                tracing::warn!(%kind, error = %e, "Kubernetes watch failed; retrying with backoff")
+            }
         }
         std::future::ready(())
     });
@@ -195,7 +197,11 @@ impl Announcer<'_> {
         // Pods by their controller, so each Deployment looks at its own.
         let mut by_owner: HashMap<&str, Vec<&Pod>> = HashMap::new();
         for p in &pods {
-            if let Some(owner) = p.owner_references().iter().find(|r| r.controller == Some(true)) {
+            if let Some(owner) = p
+                .owner_references()
+                .iter()
+                .find(|r| r.controller == Some(true))
+            {
                 by_owner.entry(owner.uid.as_str()).or_default().push(p);
             }
         }
@@ -223,7 +229,11 @@ impl Announcer<'_> {
                 let Some(v) = version::live(&d, own_rss.iter().copied(), own_pods, on) else {
                     continue;
                 };
-                if self.announced.get(&name).is_some_and(|prev| prev.same_as(&v)) {
+                if self
+                    .announced
+                    .get(&name)
+                    .is_some_and(|prev| prev.same_as(&v))
+                {
                     continue;
                 }
                 self.announce(&name, v);

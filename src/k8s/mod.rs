@@ -213,12 +213,11 @@ pub fn events_channel(namespace: &str) -> String {
 pub async fn client(options: &Options) -> Result<kube::Client, Error> {
     let config = match &options.kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                Error::Kubeconfig {
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|source| Error::Kubeconfig {

@@ -245,8 +245,14 @@ mod tests {
 
     #[test]
     fn digests_are_read_from_every_image_id_form() {
-        assert_eq!(digest("docker.io/library/nginx@sha256:abc123"), Some("abc123"));
-        assert_eq!(digest("docker-pullable://nginx@sha256:ABCDEF"), Some("ABCDEF"));
+        assert_eq!(
+            digest("docker.io/library/nginx@sha256:abc123"),
+            Some("abc123")
+        );
+        assert_eq!(
+            digest("docker-pullable://nginx@sha256:ABCDEF"),
+            Some("ABCDEF")
+        );
         assert_eq!(digest("sha256:0f"), Some("0f"));
         assert_eq!(digest(""), None);
         assert_eq!(digest("docker.io/library/nginx:1.25"), None);
@@ -258,7 +264,10 @@ mod tests {
     fn a_complete_rollout_is_live_with_every_container_in_template_order() {
         let d = deployment(2, 3, 3, "2");
         let rss = [rs("old", "1", "aaa"), rs("new", "2", "bbb")];
-        let pods = [pod("new", true, ("a1", "51")), pod("new", true, ("a1", "51"))];
+        let pods = [
+            pod("new", true, ("a1", "51")),
+            pod("new", true, ("a1", "51")),
+        ];
         let v = live(&d, &rss, &pods, AnnounceOn::Complete).unwrap();
         assert_eq!(v.pod_template_hash, "bbb");
         assert_eq!(v.revision, Some(2));
@@ -277,25 +286,54 @@ mod tests {
         // An old pod is left (running or terminating).
         let mut with_old = done.to_vec();
         with_old.push(pod("old", true, ("0", "5")));
-        assert!(live(&deployment(2, 3, 3, "2"), &rss, &with_old, AnnounceOn::Complete).is_none());
+        assert!(
+            live(
+                &deployment(2, 3, 3, "2"),
+                &rss,
+                &with_old,
+                AnnounceOn::Complete
+            )
+            .is_none()
+        );
         let mut terminating = pod("old", false, ("0", "5"));
-        terminating.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            jiff::Timestamp::UNIX_EPOCH,
-        ));
+        terminating.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
         let mut with_terminating = done.to_vec();
         with_terminating.push(terminating);
         assert!(
-            live(&deployment(2, 3, 3, "2"), &rss, &with_terminating, AnnounceOn::Complete)
-                .is_none()
+            live(
+                &deployment(2, 3, 3, "2"),
+                &rss,
+                &with_terminating,
+                AnnounceOn::Complete
+            )
+            .is_none()
         );
         // A new pod is not Ready yet.
         let half = [pod("new", true, ("a", "5")), pod("new", false, ("a", "5"))];
         assert!(live(&deployment(2, 3, 3, "2"), &rss, &half, AnnounceOn::Complete).is_none());
         // ...but first-ready announces it.
-        assert!(live(&deployment(2, 3, 3, "2"), &rss, &half, AnnounceOn::FirstReady).is_some());
+        assert!(
+            live(
+                &deployment(2, 3, 3, "2"),
+                &rss,
+                &half,
+                AnnounceOn::FirstReady
+            )
+            .is_some()
+        );
         // A Ready pod that reports no digest yet.
         let no_digest = [pod("new", true, ("a", "")), pod("new", true, ("a", "5"))];
-        assert!(live(&deployment(2, 3, 3, "2"), &rss, &no_digest, AnnounceOn::Complete).is_none());
+        assert!(
+            live(
+                &deployment(2, 3, 3, "2"),
+                &rss,
+                &no_digest,
+                AnnounceOn::Complete
+            )
+            .is_none()
+        );
         // Status still counting replicas the pods do not show.
         let mut d = deployment(2, 3, 3, "2");
         d.status.as_mut().unwrap().available_replicas = Some(1);
@@ -340,6 +378,14 @@ mod tests {
         let d = deployment(1, 1, 1, "2");
         let mut foreign = rs("f", "2", "fff");
         foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "other".into();
-        assert!(live(&d, &[foreign], &[pod("f", true, ("a", "5"))], AnnounceOn::Complete).is_none());
+        assert!(
+            live(
+                &d,
+                &[foreign],
+                &[pod("f", true, ("a", "5"))],
+                AnnounceOn::Complete
+            )
+            .is_none()
+        );
     }
 }

@@ -280,7 +280,9 @@ impl FakeKube {
 
     /// `kubectl rollout restart`.
     pub fn restart(&self, ns: &str, name: &str) {
-        let now = now_rfc3339();
+        // Sub-second, so two restarts within a second differ (kubectl's
+        // own stamp has seconds only; tests restart faster than that).
+        let now = jiff::Timestamp::now().to_string();
         self.patch(
             Kind::Deployment,
             ns,
@@ -327,8 +329,17 @@ impl FakeKube {
     /// One step of every rollout in progress (a pod created, becoming
     /// Ready, terminating or gone). Returns false when nothing moved.
     pub fn step(&self) -> bool {
+        self.step_if(|_| true)
+    }
+
+    /// One step of one Deployment's rollout.
+    pub fn step_deployment(&self, ns: &str, name: &str) -> bool {
+        self.step_if(|d| d["metadata"]["namespace"] == ns && d["metadata"]["name"] == name)
+    }
+
+    fn step_if(&self, which: impl Fn(&Value) -> bool) -> bool {
         let mut inner = self.shared.inner.lock();
-        let moved = step_locked(&self.shared, &mut inner);
+        let moved = step_locked(&self.shared, &mut inner, &which);
         sync_status(&self.shared, &mut inner);
         moved
     }
@@ -341,6 +352,50 @@ impl FakeKube {
             }
         }
         panic!("rollouts never settled");
+    }
+
+    /// Steps one Deployment until its rollout is complete.
+    pub fn settle_deployment(&self, ns: &str, name: &str) {
+        for _ in 0..10_000 {
+            if !self.step_deployment(ns, name) {
+                return;
+            }
+        }
+        panic!("the rollout never settled");
+    }
+
+    /// Deletes an object (as `DELETE` does, owned objects included).
+    pub fn delete(&self, kind: Kind, ns: &str, name: &str) {
+        let target = Target {
+            kind,
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            scale: false,
+        };
+        let r = delete(&self.shared, &target, name);
+        assert_eq!(r.status(), 200);
+        let mut inner = self.shared.inner.lock();
+        sync_status(&self.shared, &mut inner);
+    }
+
+    /// (Ready pods of the current template, pods of older ones) of a Deployment.
+    pub fn pods(&self, ns: &str, name: &str) -> (usize, usize) {
+        let inner = self.shared.inner.lock();
+        let d = &inner.objects[&(Kind::Deployment, ns.to_owned(), name.to_owned())];
+        let hash = template_hash(&d["spec"]["template"]);
+        let (mut new_ready, mut old) = (0, 0);
+        for rs in owned_by(&inner, Kind::ReplicaSet, ns, &d["metadata"]["uid"]) {
+            let pods = owned_by(&inner, Kind::Pod, ns, &rs["metadata"]["uid"]);
+            if rs["metadata"]["labels"]["pod-template-hash"] == json!(hash) {
+                new_ready += pods
+                    .iter()
+                    .filter(|p| is_ready(p) && !terminating(p))
+                    .count();
+            } else {
+                old += pods.len();
+            }
+        }
+        (new_ready, old)
     }
 
     /// Takes the server down (every request gets 503, open watches end)
@@ -401,7 +456,11 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         None => {}
     }
     let Some(target) = Target::parse(&path) else {
-        return status(404, "NotFound", &format!("the server could not find {path}"));
+        return status(
+            404,
+            "NotFound",
+            &format!("the server could not find {path}"),
+        );
     };
     match (&method, &target.name, target.scale) {
         (&Method::GET, None, _) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
@@ -430,7 +489,9 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                     return status(
                         415,
                         "UnsupportedMediaType",
-                        &format!("the fake supports merge and strategic-merge patches, not {other:?}"),
+                        &format!(
+                            "the fake supports merge and strategic-merge patches, not {other:?}"
+                        ),
                     );
                 }
             };
@@ -453,7 +514,11 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
         }
         (&Method::DELETE, Some(name), false) => delete(&shared, &target, name),
-        _ => status(405, "MethodNotAllowed", &format!("{method} is not supported on {path}")),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} is not supported on {path}"),
+        ),
     }
 }
 
@@ -511,9 +576,11 @@ fn discovery(path: &str) -> Option<Value> {
                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
             }));
             if k == Kind::Deployment {
-                list.push(json!({"name": "deployments/scale", "singularName": "", "namespaced": true,
+                list.push(
+                    json!({"name": "deployments/scale", "singularName": "", "namespaced": true,
                     "group": "autoscaling", "version": "v1", "kind": "Scale",
-                    "verbs": ["get", "patch", "update"]}));
+                    "verbs": ["get", "patch", "update"]}),
+                );
             }
         }
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
@@ -611,7 +678,7 @@ fn watch(shared: Arc<Shared>, target: Target, q: HashMap<String, String>) -> Res
         let live = shared.changes.subscribe();
         match from.as_str() {
             "" | "0" => {
-                let items: Vec<Value> = inner
+                let items: Vec<Bytes> = inner
                     .objects
                     .iter()
                     .filter(|((k, ns, _), obj)| {
@@ -630,8 +697,10 @@ fn watch(shared: Arc<Shared>, target: Target, q: HashMap<String, String>) -> Res
                 (Ok(items), live, inner.rv)
             }
             v => match v.parse::<u64>() {
-                Err(_) => return status(400, "BadRequest", &format!("invalid resourceVersion {v:?}")),
-                Ok(rv) if rv + 1 < inner.floor || rv > inner.rv => (
+                Err(_) => {
+                    return status(400, "BadRequest", &format!("invalid resourceVersion {v:?}"));
+                }
+                Ok(rv) if rv < inner.floor || rv > inner.rv => (
                     Err(line(
                         "ERROR",
                         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -778,7 +847,10 @@ fn replace(shared: &Shared, target: &Target, name: &str, mut obj: Value) -> Resp
         return not_found(target.kind, name);
     };
     if let Some(rv) = obj["metadata"]["resourceVersion"].as_str()
-        && rv != old["metadata"]["resourceVersion"].as_str().unwrap_or_default()
+        && rv
+            != old["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
     {
         return status_with(
             409,
@@ -829,7 +901,13 @@ fn patch_object(
 
 /// Stores an update; a Deployment whose spec changed gets a new generation
 /// and its controller reconciles.
-fn update_locked(shared: &Shared, inner: &mut Inner, kind: Kind, old: &Value, mut obj: Value) -> Value {
+fn update_locked(
+    shared: &Shared,
+    inner: &mut Inner,
+    kind: Kind,
+    old: &Value,
+    mut obj: Value,
+) -> Value {
     obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
     if obj == *old {
         // A no-op write stores nothing and sends no event, as Kubernetes.
@@ -887,7 +965,11 @@ fn remove(shared: &Shared, inner: &mut Inner, kind: Kind, obj: &Value) -> Value 
 
 fn scale_get(shared: &Shared, target: &Target, name: &str) -> Response {
     let inner = shared.inner.lock();
-    let key = (Kind::Deployment, target.namespace_or_default().to_owned(), name.to_owned());
+    let key = (
+        Kind::Deployment,
+        target.namespace_or_default().to_owned(),
+        name.to_owned(),
+    );
     let Some(d) = inner.objects.get(&key) else {
         return not_found(Kind::Deployment, name);
     };
@@ -914,14 +996,27 @@ fn scale_get(shared: &Shared, target: &Target, name: &str) -> Response {
 
 fn scale_put(shared: &Shared, target: &Target, name: &str, obj: &Value) -> Response {
     let p = json!({"spec": {"replicas": obj["spec"]["replicas"]}});
-    match patch_object(shared, Kind::Deployment, target.namespace_or_default(), name, &p, false) {
+    match patch_object(
+        shared,
+        Kind::Deployment,
+        target.namespace_or_default(),
+        name,
+        &p,
+        false,
+    ) {
         Ok(_) => scale_get(shared, target, name),
         Err(r) => r,
     }
 }
 
 /// Stores `obj` with the next resourceVersion and tells the watches.
-fn commit(shared: &Shared, inner: &mut Inner, kind: Kind, typ: &'static str, mut obj: Value) -> Value {
+fn commit(
+    shared: &Shared,
+    inner: &mut Inner,
+    kind: Kind,
+    typ: &'static str,
+    mut obj: Value,
+) -> Value {
     inner.rv += 1;
     obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
     inner.objects.insert(key_of(kind, &obj), obj.clone());
@@ -956,7 +1051,10 @@ fn key_of(kind: Kind, obj: &Value) -> (Kind, String, String) {
             .as_str()
             .unwrap_or("default")
             .to_owned(),
-        obj["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+        obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
     )
 }
 
@@ -1057,8 +1155,14 @@ fn owned_by(inner: &Inner, kind: Kind, ns: &str, uid: &Value) -> Vec<Value> {
 /// the current template exists, and carries the newest revision.
 fn reconcile(shared: &Shared, inner: &mut Inner) {
     for d in deployments(inner) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
-        let name = d["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let ns = d["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let name = d["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let hash = template_hash(&d["spec"]["template"]);
         let rss = owned_by(inner, Kind::ReplicaSet, &ns, &d["metadata"]["uid"]);
         let revision_of = |rs: &Value| {
@@ -1119,9 +1223,10 @@ fn reconcile(shared: &Shared, inner: &mut Inner) {
 }
 
 fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 fn terminating(pod: &Value) -> bool {
@@ -1129,10 +1234,13 @@ fn terminating(pod: &Value) -> bool {
 }
 
 /// One action per Deployment whose rollout is not complete.
-fn step_locked(shared: &Shared, inner: &mut Inner) -> bool {
+fn step_locked(shared: &Shared, inner: &mut Inner, which: &dyn Fn(&Value) -> bool) -> bool {
     let mut moved = false;
-    for d in deployments(inner) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
+    for d in deployments(inner).into_iter().filter(|d| which(d)) {
+        let ns = d["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let hash = template_hash(&d["spec"]["template"]);
         let desired = d["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
         let rss = owned_by(inner, Kind::ReplicaSet, &ns, &d["metadata"]["uid"]);
@@ -1240,7 +1348,10 @@ fn start_terminating(shared: &Shared, inner: &mut Inner, mut pod: Value) {
 /// ReplicaSet and Deployment status from the pods, written only on change.
 fn sync_status(shared: &Shared, inner: &mut Inner) {
     for d in deployments(inner) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
+        let ns = d["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let hash = template_hash(&d["spec"]["template"]);
         let desired = d["spec"]["replicas"].as_u64().unwrap_or(1);
         let (mut total, mut updated, mut ready) = (0u64, 0u64, 0u64);
@@ -1366,7 +1477,10 @@ impl Selector {
                     Requirement::In(k.trim().into(), set(v)?)
                 } else if let Some(k) = part.strip_prefix('!') {
                     Requirement::Absent(k.trim().into())
-                } else if part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+                } else if part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+                {
                     Requirement::Exists(part.into())
                 } else {
                     return Err(format!("unable to parse requirement: {part:?}"));
@@ -1484,5 +1598,7 @@ fn not_found(kind: Kind, name: &str) -> Response {
 }
 
 pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }

@@ -5,6 +5,8 @@
 
 mod bench;
 mod cli;
+mod fake_kube;
+mod k8s;
 mod lifecycle;
 mod publish;
 mod sse;

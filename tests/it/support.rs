@@ -24,6 +24,8 @@ pub fn config() -> Config {
 /// A running hub; dropping it shuts it down.
 pub struct TestHub {
     pub addr: SocketAddr,
+    /// The spa-reloader compatible listener, if configured.
+    pub compat: Option<SocketAddr>,
     pub hub: Arc<herald::hub::Hub>,
     pub token: CancellationToken,
     pub done: Option<tokio::task::JoinHandle<()>>,
@@ -38,6 +40,7 @@ impl TestHub {
     pub async fn with(config: Config) -> Self {
         let app = App::bind(config).await.expect("bind 127.0.0.1:0");
         let addr = app.local_addr();
+        let compat = app.compat_addr();
         let hub = app.hub().clone();
         let token = CancellationToken::new();
         let done = tokio::spawn({
@@ -46,6 +49,7 @@ impl TestHub {
         });
         Self {
             addr,
+            compat,
             hub,
             token,
             done: Some(done),
