@@ -437,6 +437,11 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     if shared.inner.lock().down {
         return status(503, "ServiceUnavailable", "the fake API server is down");
     }
+    let table = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"));
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -455,6 +460,26 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Some(_) => return status(405, "MethodNotAllowed", "discovery is read-only"),
         None => {}
     }
+    // Namespaces exist as soon as they are named (kubectl looks them up).
+    if let Some(ns) = path
+        .strip_prefix("/api/v1/namespaces/")
+        .filter(|n| !n.contains('/'))
+    {
+        return if method == Method::GET {
+            json_response(
+                200,
+                &json!({"kind": "Namespace", "apiVersion": "v1",
+                    "metadata": {"name": ns, "uid": format!("ns-{ns}"), "resourceVersion": "1"},
+                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
+            )
+        } else {
+            status(
+                405,
+                "MethodNotAllowed",
+                "the fake's namespaces are read-only",
+            )
+        };
+    }
     let Some(target) = Target::parse(&path) else {
         return status(
             404,
@@ -466,8 +491,8 @@ async fn route(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         (&Method::GET, None, _) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             watch(shared, target, q)
         }
-        (&Method::GET, None, _) => list(&shared, &target, &q),
-        (&Method::GET, Some(name), false) => get(&shared, &target, name),
+        (&Method::GET, None, _) => list(&shared, &target, &q, table),
+        (&Method::GET, Some(name), false) => get(&shared, &target, name, table),
         (&Method::GET, Some(name), true) => scale_get(&shared, &target, name),
         (&Method::POST, None, _) => match parse_body(&body, &content_type) {
             Ok(obj) => match create(&shared, target.kind, target.namespace_or_default(), obj) {
@@ -575,6 +600,12 @@ fn discovery(path: &str) -> Option<Value> {
                 "kind": k.name(), "shortNames": k.short_names(),
                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
             }));
+            if k == Kind::Pod {
+                list.push(
+                    json!({"name": "namespaces", "singularName": "namespace", "namespaced": false,
+                    "kind": "Namespace", "shortNames": ["ns"], "verbs": ["get"]}),
+                );
+            }
             if k == Kind::Deployment {
                 list.push(
                     json!({"name": "deployments/scale", "singularName": "", "namespaced": true,
@@ -611,7 +642,7 @@ fn discovery(path: &str) -> Option<Value> {
 
 // ---------------------------------------------------------------- reads
 
-fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {
+fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>, table: bool) -> Response {
     let selector = match Selector::parse(q) {
         Ok(s) => s,
         Err(e) => return status(400, "BadRequest", &e),
@@ -627,6 +658,9 @@ fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respon
         })
         .map(|(_, v)| v.clone())
         .collect();
+    if table {
+        return json_response(200, &as_table(target.kind, &items, inner.rv));
+    }
     json_response(
         200,
         &json!({
@@ -638,13 +672,17 @@ fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respon
     )
 }
 
-fn get(shared: &Shared, target: &Target, name: &str) -> Response {
+fn get(shared: &Shared, target: &Target, name: &str, table: bool) -> Response {
     let inner = shared.inner.lock();
     match inner.objects.get(&(
         target.kind,
         target.namespace_or_default().to_owned(),
         name.to_owned(),
     )) {
+        Some(v) if table => json_response(
+            200,
+            &as_table(target.kind, std::slice::from_ref(v), inner.rv),
+        ),
         Some(v) => json_response(200, v),
         None => not_found(target.kind, name),
     }
@@ -778,6 +816,119 @@ fn watch(shared: Arc<Shared>, target: Target, q: HashMap<String, String>) -> Res
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+/// Server-side printing (`Accept: ...;as=Table`), as kubectl asks for it,
+/// with the columns the real server prints for each kind.
+fn as_table(kind: Kind, items: &[Value], rv: u64) -> Value {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (columns, cells): (Vec<&str>, Box<dyn Fn(&Value) -> Vec<Value>>) = match kind {
+        Kind::Deployment => (
+            vec!["Name", "Ready", "Up-to-date", "Available", "Age"],
+            Box::new(move |o| {
+                let s = &o["status"];
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(format!(
+                        "{}/{}",
+                        n(&s["readyReplicas"]),
+                        n(&o["spec"]["replicas"])
+                    )),
+                    json!(n(&s["updatedReplicas"])),
+                    json!(n(&s["availableReplicas"])),
+                    json!(age(o)),
+                ]
+            }),
+        ),
+        Kind::ReplicaSet => (
+            vec!["Name", "Desired", "Current", "Ready", "Age"],
+            Box::new(move |o| {
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(n(&o["spec"]["replicas"])),
+                    json!(n(&o["status"]["replicas"])),
+                    json!(n(&o["status"]["readyReplicas"])),
+                    json!(age(o)),
+                ]
+            }),
+        ),
+        Kind::Pod => (
+            vec!["Name", "Ready", "Status", "Restarts", "Age"],
+            Box::new(|o| {
+                let cs = o["status"]["containerStatuses"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let ready = cs.iter().filter(|c| c["ready"] == json!(true)).count();
+                let status = if terminating(o) {
+                    json!("Terminating")
+                } else {
+                    o["status"]["phase"].clone()
+                };
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(format!("{ready}/{}", cs.len())),
+                    status,
+                    json!(0),
+                    json!(age(o)),
+                ]
+            }),
+        ),
+        Kind::Event => (
+            vec!["Last Seen", "Type", "Reason", "Object", "Message"],
+            Box::new(|o| {
+                let obj = &o["involvedObject"];
+                vec![
+                    json!(age(o)),
+                    o["type"].clone(),
+                    o["reason"].clone(),
+                    json!(format!(
+                        "{}/{}",
+                        obj["kind"].as_str().unwrap_or_default().to_lowercase(),
+                        obj["name"].as_str().unwrap_or_default()
+                    )),
+                    o["message"].clone(),
+                ]
+            }),
+        ),
+        Kind::EndpointSlice => (
+            vec!["Name", "Age"],
+            Box::new(|o| vec![o["metadata"]["name"].clone(), json!(age(o))]),
+        ),
+    };
+    let defs: Vec<Value> = columns
+        .iter()
+        .map(|c| {
+            json!({"name": c, "type": "string", "format": if *c == "Name" { "name" } else { "" },
+                "description": "", "priority": 0})
+        })
+        .collect();
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| {
+            json!({"cells": cells(o), "object": {"kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv.to_string()}, "columnDefinitions": defs, "rows": rows})
+}
+
+fn age(o: &Value) -> String {
+    let created = o["metadata"]["creationTimestamp"]
+        .as_str()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+    match created {
+        Some(t) => {
+            let secs = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
+            if secs < 120 {
+                format!("{secs}s")
+            } else {
+                format!("{}m", secs / 60)
+            }
+        }
+        None => "<unknown>".into(),
+    }
 }
 
 fn line(typ: &str, object: &Value) -> Bytes {

@@ -606,3 +606,260 @@ async fn the_spa_reloader_listener_sends_the_current_version_then_one_frame_per_
     assert_eq!(r.status(), 426);
     assert!(r.text().await.unwrap().contains("WebSocket"));
 }
+
+/// The `kubectl` to check the fake with: `$KUBECTL`, else on `PATH`.
+fn kubectl() -> Option<String> {
+    let k = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    std::process::Command::new(&k)
+        .args(["version", "--client"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| k)
+}
+
+struct Kubectl {
+    bin: String,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+}
+
+impl Kubectl {
+    /// Runs kubectl; returns (success, stdout + stderr).
+    async fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = tokio::time::timeout(
+            WAIT,
+            tokio::process::Command::new(&self.bin)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("kubectl finishes")
+        .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.run(args).await;
+        assert!(ok, "kubectl {args:?} failed: {text}");
+        text
+    }
+
+    fn file(&self, name: &str, v: &Value) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+}
+
+#[tokio::test]
+async fn kubectl_agrees_with_the_fake() {
+    let Some(bin) = kubectl() else {
+        eprintln!(
+            "SKIPPED kubectl_agrees_with_the_fake: no kubectl on this machine (scripts/test installs Debian's kubernetes-client)"
+        );
+        return;
+    };
+    let fake = FakeKube::start().await;
+    let dir = tempdir();
+    let k = Kubectl {
+        bin,
+        kubeconfig: fake.kubeconfig(&dir),
+        dir,
+    };
+    let web = FakeKube::deployment(NS, "web", 2, &[("app", "app:v1"), ("proxy", "proxy:1")]);
+    // The fake serves no OpenAPI schema, so kubectl's client-side
+    // validation is off; the server still refuses what it must.
+    let out = k
+        .ok(&[
+            "create",
+            "--validate=false",
+            "-f",
+            &k.file("web.json", &web),
+        ])
+        .await;
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    let (ok, out) = k
+        .run(&[
+            "create",
+            "--validate=false",
+            "-f",
+            &k.file("web.json", &web),
+        ])
+        .await;
+    assert!(
+        !ok && out.contains("AlreadyExists") || out.contains("already exists"),
+        "{out}"
+    );
+    fake.settle();
+
+    let out = k.ok(&["get", "deployments", "-n", NS]).await;
+    assert!(out.contains("web") && out.contains("2/2"), "{out}");
+    let d: Value = serde_json::from_str(
+        &k.ok(&["get", "deployment", "web", "-n", NS, "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(d["status"]["readyReplicas"], 2);
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "1"
+    );
+    let pods = k
+        .ok(&["get", "pods", "-n", NS, "-l", "app=web", "-o", "name"])
+        .await;
+    assert_eq!(pods.lines().count(), 2, "{pods}");
+    let none = k
+        .ok(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app in (nothing)",
+            "-o",
+            "name",
+        ])
+        .await;
+    assert!(!none.contains("pod/"), "{none}");
+    let rs = k.ok(&["get", "replicasets", "-n", NS, "-o", "name"]).await;
+    assert!(rs.contains("replicaset.apps/web-"), "{rs}");
+
+    // A watch sees what happens, live (`-o json` prints each change as a
+    // watch event).
+    let mut watch = tokio::process::Command::new(&k.bin)
+        .arg("--kubeconfig")
+        .arg(&k.kubeconfig)
+        .args([
+            "get",
+            "deployments",
+            "-n",
+            NS,
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = watch.stdout.take().unwrap();
+    let mut buf: Vec<u8> = vec![];
+    let mut next_line = async || -> String {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+            if let Some(Ok(v)) = it.next() {
+                let used = it.byte_offset();
+                buf.drain(..used);
+                return format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or("?"),
+                    v["object"]["metadata"]["name"].as_str().unwrap_or("?")
+                );
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, out.read(&mut chunk))
+                .await
+                .expect("watch output")
+                .unwrap();
+            assert!(n > 0, "the watch ended");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    assert_eq!(next_line().await, "ADDED web");
+
+    // Strategic merge keeps the other container.
+    let out = k
+        .ok(&["set", "image", "deployment/web", "app=app:v2", "-n", NS])
+        .await;
+    assert!(out.contains("image updated"), "{out}");
+    let d = fake.get(Kind::Deployment, NS, "web").unwrap();
+    let containers = &d["spec"]["template"]["spec"]["containers"];
+    assert_eq!(containers[0]["image"], "app:v2");
+    assert_eq!(containers[1]["image"], "proxy:1");
+    assert_eq!(d["metadata"]["generation"], 2);
+    assert_eq!(next_line().await, "MODIFIED web");
+    fake.settle();
+    let out = k
+        .ok(&["rollout", "restart", "deployment/web", "-n", NS])
+        .await;
+    assert!(out.contains("restarted"), "{out}");
+    let d = fake.get(Kind::Deployment, NS, "web").unwrap();
+    assert!(
+        d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .is_string()
+    );
+    let out = k
+        .ok(&["scale", "deployment/web", "--replicas=3", "-n", NS])
+        .await;
+    assert!(out.contains("scaled"), "{out}");
+    assert_eq!(
+        fake.get(Kind::Deployment, NS, "web").unwrap()["spec"]["replicas"],
+        3
+    );
+    fake.settle();
+    let d: Value = serde_json::from_str(
+        &k.ok(&["get", "deployment", "web", "-n", NS, "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(d["status"]["readyReplicas"], 3);
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "3"
+    );
+
+    let mut replaced = d.clone();
+    replaced["spec"]["template"]["spec"]["containers"][1]["image"] = json!("proxy:2");
+    let out = k
+        .ok(&[
+            "replace",
+            "--validate=false",
+            "-f",
+            &k.file("replace.json", &replaced),
+        ])
+        .await;
+    assert!(out.contains("replaced"), "{out}");
+    // A stale resourceVersion is a conflict.
+    let (ok, out) = k
+        .run(&[
+            "replace",
+            "--validate=false",
+            "-f",
+            &k.file("stale.json", &d),
+        ])
+        .await;
+    assert!(!ok && out.contains("modified"), "{out}");
+
+    let api = FakeKube::deployment(NS, "api", 1, &[("api", "api:1")]);
+    k.ok(&[
+        "create",
+        "--validate=false",
+        "-f",
+        &k.file("api.json", &api),
+    ])
+    .await;
+    let mut seen = vec![];
+    while !seen.iter().any(|l: &String| l == "ADDED api") {
+        seen.push(next_line().await);
+    }
+    let out = k.ok(&["delete", "deployment", "api", "-n", NS]).await;
+    assert!(out.contains("deleted"), "{out}");
+    while next_line().await != "DELETED api" {}
+    assert!(
+        fake.list(Kind::Pod, NS)
+            .iter()
+            .all(|p| p["metadata"]["labels"]["app"] != "api")
+    );
+    let (ok, out) = k.run(&["get", "deployment", "api", "-n", NS]).await;
+    assert!(!ok && out.contains("not found"), "{out}");
+}
