@@ -545,6 +545,152 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_flags_are_read_and_checked() {
+        let c = serve(&[
+            "--watch-deployment",
+            "shop/web",
+            "--watch-deployments",
+            "tools",
+            "--watch-selector",
+            "shop/tier in (front,edge),app",
+            "--watch-events",
+            "shop",
+            "--watch-events",
+            "*",
+            "--announce-on",
+            "first-ready",
+            "--resync",
+            "5m",
+            "--kubeconfig",
+            "/etc/kube.conf",
+            "--spa-compat-listen",
+            "127.0.0.1:9000",
+        ])
+        .unwrap();
+        let k = &c.kube;
+        assert_eq!(
+            k.deployments,
+            vec![
+                k8s::Deployments::Named {
+                    namespace: "shop".into(),
+                    name: "web".into()
+                },
+                k8s::Deployments::All {
+                    namespace: "tools".into()
+                },
+                k8s::Deployments::Selected {
+                    namespace: "shop".into(),
+                    selector: "tier in (front,edge),app".into()
+                },
+            ]
+        );
+        assert_eq!(
+            k.events,
+            vec![
+                k8s::EventScope::Namespace("shop".into()),
+                k8s::EventScope::All
+            ]
+        );
+        assert_eq!(k.announce_on, k8s::AnnounceOn::FirstReady);
+        assert_eq!(k.resync, Duration::from_secs(300));
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/etc/kube.conf"))
+        );
+        assert_eq!(c.spa_compat_listen, Some("127.0.0.1:9000".parse().unwrap()));
+        // Nothing Kubernetes by default.
+        let c = serve(&[]).unwrap();
+        assert!(!c.kube.enabled());
+        assert_eq!(c.kube.resync, config::DEFAULT_RESYNC);
+        assert_eq!(c.kube.announce_on, k8s::AnnounceOn::Complete);
+
+        for (args, says) in [
+            (&["--watch-deployment", "web"][..], "--watch-deployment"),
+            (&["--watch-deployment", "Shop/web"][..], "namespace"),
+            (&["--watch-deployment", "shop/"][..], "deployment name"),
+            (&["--watch-deployments", "a_b"][..], "--watch-deployments"),
+            (
+                &["--watch-selector", "shop/ "][..],
+                "label selector is empty",
+            ),
+            (&["--watch-events", "**"][..], "--watch-events"),
+            (&["--announce-on", "soon"][..], "--announce-on"),
+            (
+                &["--resync", "0s", "--watch-deployments", "a"][..],
+                "--resync",
+            ),
+            (
+                &["--spa-compat-listen", "0.0.0.0:8080"][..],
+                "--spa-compat-listen",
+            ),
+            (
+                &["--spa-compat-listen", "127.0.0.1:9000"][..],
+                "no Deployment is watched",
+            ),
+        ] {
+            let e = serve(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn spa_reloaders_environment_means_what_it_documents() {
+        // SPA_NAMESPACE (default `default`), SPA_NAME (empty = all),
+        // SPA_RESYNC_SEC (seconds), SPA_WEBSOCKET_PORT (all interfaces);
+        // the hidden flags are those variables.
+        let c = serve(&["--spa-websocket-port", "9090", "--listen", "0.0.0.0:8081"]).unwrap();
+        assert_eq!(
+            c.kube.deployments,
+            vec![k8s::Deployments::All {
+                namespace: "default".into()
+            }]
+        );
+        assert_eq!(c.spa_compat_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        let c = serve(&[
+            "--spa-namespace",
+            "toucan",
+            "--spa-name",
+            "spa",
+            "--spa-resync-sec",
+            "45",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.kube.deployments,
+            vec![k8s::Deployments::Named {
+                namespace: "toucan".into(),
+                name: "spa".into()
+            }]
+        );
+        assert_eq!(c.kube.resync, Duration::from_secs(45));
+        let c = serve(&["--spa-namespace", "toucan", "--spa-name", ""]).unwrap();
+        assert_eq!(
+            c.kube.deployments,
+            vec![k8s::Deployments::All {
+                namespace: "toucan".into()
+            }]
+        );
+        // herald's own flag wins over SPA_RESYNC_SEC.
+        let c = serve(&[
+            "--spa-namespace",
+            "a",
+            "--spa-resync-sec",
+            "45",
+            "--resync",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(c.kube.resync, Duration::from_secs(1));
+        let e = serve(&["--spa-namespace", "a", "--spa-resync-sec", "soon"]).unwrap_err();
+        assert!(e.contains("SPA_RESYNC_SEC"), "{e}");
+        let e = serve(&["--spa-namespace", "Bad"]).unwrap_err();
+        assert!(e.contains("SPA_NAMESPACE"), "{e}");
+        // spa-reloader's default port is herald's too: a clear error.
+        let e = serve(&["--spa-websocket-port", "8080"]).unwrap_err();
+        assert!(e.contains("collides with --listen"), "{e}");
+    }
+
+    #[test]
     fn backoff_is_bounded() {
         for f in 0..100 {
             assert!(backoff(Duration::from_secs(2), f) <= Duration::from_secs(30));

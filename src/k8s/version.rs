@@ -106,11 +106,8 @@ pub fn live<'a>(
     let mut old_left = false;
     for p in pods {
         match controller(&p.metadata) {
-            Some(u) if u == new_uid => {
-                if p.metadata.deletion_timestamp.is_none() {
-                    new_pods.push(p);
-                }
-            }
+            Some(u) if u == new_uid && p.metadata.deletion_timestamp.is_none() => new_pods.push(p),
+            Some(u) if u == new_uid => {}
             Some(u) if old_uids.contains(u) => old_left = true,
             _ => {}
         }

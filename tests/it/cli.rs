@@ -24,6 +24,7 @@ async fn serve(env: &[(&str, String)], args: &[&str], port: u16) -> Child {
     cmd.arg("serve")
         .args(args)
         .env_remove("HERALD_LISTEN")
+        .env_remove("KUBECONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
@@ -284,4 +285,48 @@ async fn subscribe_count_exits_after_n_events_and_bad_channels_fail() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid channel name"));
+}
+
+#[tokio::test]
+async fn spa_reloaders_environment_starts_a_compatible_server() {
+    use futures_util::StreamExt;
+    let fake = crate::fake_kube::FakeKube::start().await;
+    fake.create(crate::fake_kube::FakeKube::deployment(
+        "toucan",
+        "spa",
+        1,
+        &[("spa", "spa:1.0")],
+    ));
+    fake.settle();
+    let dir = std::env::temp_dir().join(format!("herald-cli-spa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.kubeconfig(&dir);
+    let (port, ws_port) = (free_port(), free_port());
+    // spa-reloader's variables, and the kubeconfig as kube-rs finds it.
+    let _child = serve(
+        &[
+            ("HERALD_LISTEN", format!("127.0.0.1:{port}")),
+            ("KUBECONFIG", kubeconfig.to_string_lossy().into_owned()),
+            ("SPA_NAMESPACE", "toucan".into()),
+            ("SPA_NAME", "spa".into()),
+            ("SPA_RESYNC_SEC", "30".into()),
+            ("SPA_WEBSOCKET_PORT", ws_port.to_string()),
+        ],
+        &[],
+        port,
+    )
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{ws_port}/"))
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+    assert_eq!(v["namespace"], "toucan");
+    assert_eq!(v["name"], "spa");
+    assert_eq!(v["current_image"]["name"], "docker.io/library/spa:1.0");
+    assert_eq!(v["current_image"]["sha256"], fake.digest("spa:1.0"));
 }

@@ -26,6 +26,9 @@
 //! Its fidelity is checked with the real `kubectl` (`kube::kubectl_*`).
 
 #![allow(dead_code)]
+// Test support: a failed request is the HTTP response to send, returned as
+// is; the per-kind table printers are closures picked by kind.
+#![allow(clippy::result_large_err, clippy::type_complexity)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;

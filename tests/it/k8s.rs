@@ -863,3 +863,80 @@ async fn kubectl_agrees_with_the_fake() {
     let (ok, out) = k.run(&["get", "deployment", "api", "-n", NS]).await;
     assert!(!ok && out.contains("not found"), "{out}");
 }
+
+/// One line a Node spa-reloader client printed: a callback it fired.
+async fn callback(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Value {
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("a callback")
+        .unwrap()
+        .expect("the client is running");
+    serde_json::from_str(&line).unwrap()
+}
+
+#[tokio::test]
+async fn spa_reloader_clients_in_node_learn_the_current_version_then_the_next() {
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !node_ok {
+        eprintln!("SKIPPED: no node on this machine (scripts/test installs it)");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        dir.join("node_modules/ws").exists(),
+        "tests/node has no node_modules: run `npm ci --prefix tests/node` (scripts/test does)"
+    );
+    let mut modes = vec!["contract"];
+    if dir.join("node_modules/spa-reloader-vue").exists() {
+        modes.push("package");
+    } else {
+        eprintln!(
+            "NOTE: the npm package spa-reloader-vue is not installed (this machine's npm registry does not carry it); \
+             only the client written to its documented rules runs"
+        );
+    }
+    let fake = FakeKube::start().await;
+    fake.create(FakeKube::deployment(NS, "web", 2, &[("app", "app:v1")]));
+    fake.settle();
+    let hub = herald_on(
+        &fake,
+        vec![Deployments::parse_named(&format!("{NS}/web")).unwrap()],
+        |c| c.spa_compat_listen = Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await;
+    let url = format!("ws://{}/ws", hub.compat.unwrap());
+    let mut clients = vec![];
+    for mode in modes {
+        let mut child = tokio::process::Command::new("node")
+            .arg(dir.join("spa-reloader-client.cjs"))
+            .args([mode, &url])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stdout.take().unwrap(),
+        ));
+        clients.push((mode, child, lines));
+    }
+    let v1 = fake.digest("app:v1");
+    for (mode, _, lines) in &mut clients {
+        let c = callback(lines).await;
+        assert_eq!(c["received"]["current_image"]["sha256"], v1, "{mode}: {c}");
+        assert!(c["stored"].is_null(), "{mode}: {c}");
+    }
+    fake.set_image(NS, "web", "app", "app:v2");
+    fake.settle();
+    let v2 = fake.digest("app:v2");
+    for (mode, _, lines) in &mut clients {
+        let c = callback(lines).await;
+        assert_eq!(c["received"]["current_image"]["sha256"], v2, "{mode}: {c}");
+        assert_eq!(c["received"]["previous_image"]["sha256"], v1, "{mode}: {c}");
+        assert_eq!(c["stored"]["current_image"]["sha256"], v1, "{mode}: {c}");
+    }
+}
