@@ -307,8 +307,16 @@ async fn an_api_server_outage_mid_rollout_delays_the_announcement_and_loses_noth
     env.fake.step_deployment(NS, "web");
     env.fake.set_down(true);
     let seen = env.fake.requests().len();
-    // herald notices: it keeps trying (and getting 503s).
-    eventually(|| async { env.fake.requests().len() > seen + 1 }).await;
+    // herald notices and keeps trying with backoff: its pod watch fails
+    // five times (503) before the server is back.
+    eventually(|| async {
+        env.fake.requests()[seen..]
+            .iter()
+            .filter(|r| r.contains("/pods"))
+            .count()
+            >= 5
+    })
+    .await;
     env.fake.settle_deployment(NS, "web");
     env.fake.set_down(false);
     let v = version(&mut sub).await;
@@ -394,6 +402,9 @@ async fn readyz_waits_for_the_first_list() {
     })
     .await;
     assert_eq!(hub.status().await["kubernetes"]["synced"], true);
+    // The watchers end with the node.
+    let mut hub = hub;
+    hub.stop().await;
 }
 
 #[tokio::test]
@@ -605,6 +616,56 @@ async fn the_spa_reloader_listener_sends_the_current_version_then_one_frame_per_
         .unwrap();
     assert_eq!(r.status(), 426);
     assert!(r.text().await.unwrap().contains("WebSocket"));
+    // Shutdown closes the compatible WebSocket too (1001) and ends.
+    env.hub.stop().await;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_of_every_namespace_go_to_their_own_channels() {
+    let fake = FakeKube::start().await;
+    let hub = herald_on(&fake, vec![], |c| {
+        c.kube.events = vec![EventScope::parse("*").unwrap()];
+    })
+    .await;
+    eventually(|| async {
+        hub.http
+            .get(hub.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    let mut a = hub.sse("/channel/k8s.events:apps").await;
+    let mut b = hub.sse("/channel/k8s.events:tools").await;
+    fake.create(event("one", "Pulled", 1));
+    let mut other = event("two", "Failed", 3);
+    other["metadata"]["namespace"] = json!("tools");
+    fake.create(other);
+    let e: Value = serde_json::from_str(&a.next_data().await).unwrap();
+    assert_eq!(e["reason"], "Pulled");
+    let e: Value = serde_json::from_str(&b.next_data().await).unwrap();
+    assert_eq!(
+        (e["reason"].as_str(), e["count"].as_u64()),
+        (Some("Failed"), Some(3))
+    );
+    let mut ws = hub.ws("").await;
+    ws.send_json(json!({"type": "GET_EVENTS", "namespace": "tools"}))
+        .await;
+    let r = ws.next_json().await;
+    assert_eq!(r["data"]["items"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["data"]["items"][0]["metadata"]["name"], "two");
 }
 
 /// The `kubectl` to check the fake with: `$KUBECTL`, else on `PATH`.
