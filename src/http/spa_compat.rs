@@ -95,12 +95,10 @@ async fn run(
             }
         }
         tokio::select! {
-            () = state.shutdown.cancelled() => {
-                let frame = CloseFrame { code: close_code::AWAY, reason: Utf8Bytes::from_static("herald is restarting; reconnect") };
-                let _ = tokio::time::timeout(timeout, socket.send(Message::Close(Some(frame)))).await;
-                return;
-            }
-            r = versions.changed() => if r.is_err() { return },
+            biased;
+            () = state.shutdown.cancelled() => break,
+            // The watchers end only with the node.
+            r = versions.changed() => if r.is_err() { break },
             msg = socket.recv() => {
                 heard_since_ping = true;
                 match msg {
@@ -111,11 +109,10 @@ async fn run(
             }
             r = ticks.changed() => {
                 if r.is_err() {
-                    return;
+                    break;
                 }
                 if !heard_since_ping {
-                    let frame = CloseFrame { code: close_code::AWAY, reason: Utf8Bytes::from_static("no answer to ping") };
-                    let _ = tokio::time::timeout(timeout, socket.send(Message::Close(Some(frame)))).await;
+                    close(&mut socket, timeout, "no answer to ping").await;
                     return;
                 }
                 heard_since_ping = false;
@@ -125,4 +122,14 @@ async fn run(
             }
         }
     }
+    close(&mut socket, timeout, "herald is restarting; reconnect").await;
+}
+
+/// Sends a close frame (1001, going away), within the write timeout.
+async fn close(socket: &mut WebSocket, timeout: std::time::Duration, reason: &'static str) {
+    let frame = CloseFrame {
+        code: close_code::AWAY,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(timeout, socket.send(Message::Close(Some(frame)))).await;
 }
