@@ -25,6 +25,10 @@ use crate::config::MAX_WS_CLIENT_MESSAGE_BYTES;
 pub async fn serve(listener: TcpListener, state: AppState) {
     let shutdown = state.shutdown.clone();
     let router = axum::Router::new().fallback(upgrade).with_state(state);
+    // Small frames go out at once (as on the public listener).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -185,6 +185,11 @@ impl FakeKube {
             .fallback(route)
             .with_state(shared.clone());
         let stop = shared.stop.clone();
+        // Watch events are small writes: no Nagle delay (the real API
+        // server sets TCP_NODELAY too, as Go does by default).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())

@@ -713,10 +713,14 @@ impl Kubectl {
         text
     }
 
-    fn file(&self, name: &str, v: &Value) -> String {
-        let p = self.dir.join(name);
+    /// `kubectl VERB -f FILE` with `v` as the file. The fake serves no
+    /// OpenAPI schema, so kubectl's client-side validation is off; the
+    /// server still refuses what it must.
+    async fn send(&self, verb: &str, v: &Value) -> (bool, String) {
+        let p = self.dir.join(format!("{verb}.json"));
         std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
-        p.to_string_lossy().into_owned()
+        self.run(&[verb, "--validate=false", "-f", &p.to_string_lossy()])
+            .await
     }
 }
 
@@ -736,29 +740,10 @@ async fn kubectl_agrees_with_the_fake() {
         dir,
     };
     let web = FakeKube::deployment(NS, "web", 2, &[("app", "app:v1"), ("proxy", "proxy:1")]);
-    // The fake serves no OpenAPI schema, so kubectl's client-side
-    // validation is off; the server still refuses what it must.
-    let out = k
-        .ok(&[
-            "create",
-            "--validate=false",
-            "-f",
-            &k.file("web.json", &web),
-        ])
-        .await;
-    assert!(out.contains("deployment.apps/web created"), "{out}");
-    let (ok, out) = k
-        .run(&[
-            "create",
-            "--validate=false",
-            "-f",
-            &k.file("web.json", &web),
-        ])
-        .await;
-    assert!(
-        !ok && out.contains("AlreadyExists") || out.contains("already exists"),
-        "{out}"
-    );
+    let (ok, out) = k.send("create", &web).await;
+    assert!(ok && out.contains("deployment.apps/web created"), "{out}");
+    let (ok, out) = k.send("create", &web).await;
+    assert!(!ok && out.contains("already exists"), "{out}");
     fake.settle();
 
     let out = k.ok(&["get", "deployments", "-n", NS]).await;
@@ -881,34 +866,14 @@ async fn kubectl_agrees_with_the_fake() {
 
     let mut replaced = d.clone();
     replaced["spec"]["template"]["spec"]["containers"][1]["image"] = json!("proxy:2");
-    let out = k
-        .ok(&[
-            "replace",
-            "--validate=false",
-            "-f",
-            &k.file("replace.json", &replaced),
-        ])
-        .await;
-    assert!(out.contains("replaced"), "{out}");
+    let (ok, out) = k.send("replace", &replaced).await;
+    assert!(ok && out.contains("replaced"), "{out}");
     // A stale resourceVersion is a conflict.
-    let (ok, out) = k
-        .run(&[
-            "replace",
-            "--validate=false",
-            "-f",
-            &k.file("stale.json", &d),
-        ])
-        .await;
+    let (ok, out) = k.send("replace", &d).await;
     assert!(!ok && out.contains("modified"), "{out}");
 
     let api = FakeKube::deployment(NS, "api", 1, &[("api", "api:1")]);
-    k.ok(&[
-        "create",
-        "--validate=false",
-        "-f",
-        &k.file("api.json", &api),
-    ])
-    .await;
+    assert!(k.send("create", &api).await.0);
     let mut seen = vec![];
     while !seen.iter().any(|l: &String| l == "ADDED api") {
         seen.push(next_line().await);
@@ -1000,4 +965,35 @@ async fn spa_reloader_clients_in_node_learn_the_current_version_then_the_next() 
         assert_eq!(c["received"]["previous_image"]["sha256"], v1, "{mode}: {c}");
         assert_eq!(c["stored"]["current_image"]["sha256"], v1, "{mode}: {c}");
     }
+}
+
+/// Figures for the record, not a pass/fail test (speed goals live in
+/// benchmarks): `cargo test --test it k8s::figures -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand"]
+async fn figures() {
+    let env = Env::start(all()).await;
+    let mut sub = env.sub("web").await;
+    version(&mut sub).await;
+    let mut lat = vec![];
+    for i in 0..50 {
+        env.fake.set_image(NS, "web", "app", &format!("app:{i}"));
+        env.fake.settle_deployment(NS, "web");
+        let done = std::time::Instant::now();
+        version(&mut sub).await;
+        lat.push(done.elapsed());
+    }
+    lat.sort();
+    println!(
+        "rollout complete -> announcement received over SSE: median {:?}, p90 {:?}, max {:?} (50 rollouts)",
+        lat[lat.len() / 2],
+        lat[lat.len() * 9 / 10],
+        lat[lat.len() - 1]
+    );
+    let before = env.fake.requests().len();
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let during = env.fake.requests().len() - before;
+    println!(
+        "API requests by herald in 10 s of idle watching (4 watches, bookmarks every 0.5 s): {during}"
+    );
 }
