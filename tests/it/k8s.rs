@@ -113,6 +113,20 @@ async fn herald_on(
     TestHub::with(c).await
 }
 
+/// Waits until `/readyz` answers 200 (every watcher has listed).
+async fn ready(hub: &TestHub) {
+    eventually(|| async {
+        hub.http
+            .get(hub.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+}
+
 fn all() -> Vec<Deployments> {
     vec![Deployments::parse_all(NS).unwrap()]
 }
@@ -391,16 +405,7 @@ async fn readyz_waits_for_the_first_list() {
     assert_eq!(body["status"], "syncing");
     assert_eq!(hub.status().await["kubernetes"]["synced"], false);
     fake.set_down(false);
-    eventually(|| async {
-        hub.http
-            .get(hub.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    ready(&hub).await;
     assert_eq!(hub.status().await["kubernetes"]["synced"], true);
     // The watchers end with the node.
     let mut hub = hub;
@@ -436,16 +441,7 @@ async fn events_are_streamed_and_listed_on_get_events() {
         c.kube.events = vec![EventScope::parse(NS).unwrap()];
     })
     .await;
-    eventually(|| async {
-        hub.http
-            .get(hub.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    ready(&hub).await;
     let mut sub = hub.sse(&format!("/channel/k8s.events:{NS}")).await;
     fake.create(event("new", "Started", 1));
     let ev = sub.next().await;
@@ -637,16 +633,7 @@ async fn events_of_every_namespace_go_to_their_own_channels() {
         c.kube.events = vec![EventScope::parse("*").unwrap()];
     })
     .await;
-    eventually(|| async {
-        hub.http
-            .get(hub.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    ready(&hub).await;
     let mut a = hub.sse("/channel/k8s.events:apps").await;
     let mut b = hub.sse("/channel/k8s.events:tools").await;
     fake.create(event("one", "Pulled", 1));
