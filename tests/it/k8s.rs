@@ -984,3 +984,84 @@ async fn figures() {
         "API requests by herald in 10 s of idle watching (4 watches, bookmarks every 0.5 s): {during}"
     );
 }
+
+#[tokio::test]
+async fn the_fakes_watches_honour_timeouts_bookmarks_and_expiry() {
+    let fake = FakeKube::start_with(std::time::Duration::from_millis(100)).await;
+    fake.create(FakeKube::deployment(NS, "web", 1, &[("app", "app:v1")]));
+    let http = crate::support::http();
+    let list: Value = http
+        .get(format!(
+            "{}/apis/apps/v1/namespaces/{NS}/deployments",
+            fake.url()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let watch = |q: String| {
+        let http = http.clone();
+        let url = format!(
+            "{}/apis/apps/v1/namespaces/{NS}/deployments?watch=true&{q}",
+            fake.url()
+        );
+        async move {
+            let body = tokio::time::timeout(WAIT, async {
+                http.get(url).send().await.unwrap().text().await.unwrap()
+            })
+            .await
+            .expect("the watch ends by itself");
+            body.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    // Bookmarks carry the current version; the stream ends at its timeout.
+    let events = watch(format!(
+        "resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1"
+    ))
+    .await;
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|e| e["type"] == "BOOKMARK"), "{events:?}");
+    assert_eq!(
+        events[0]["object"]["metadata"]["resourceVersion"],
+        rv.as_str()
+    );
+    // Changes after the version resumed from are replayed.
+    fake.scale(NS, "web", 2);
+    let events = watch(format!("resourceVersion={rv}&timeoutSeconds=1")).await;
+    assert_eq!(events[0]["type"], "MODIFIED");
+    assert_eq!(events[0]["object"]["spec"]["replicas"], 2);
+    // An expired version is 410 Gone, as a watch ERROR event.
+    fake.expire_history();
+    let events = watch(format!("resourceVersion={rv}&timeoutSeconds=1")).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "ERROR");
+    assert_eq!(events[0]["object"]["code"], 410);
+    // Bad input is refused as the real server does.
+    let r = http
+        .get(format!(
+            "{}/api/v1/namespaces/{NS}/pods?labelSelector=a%20in%20b",
+            fake.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(format!(
+            "{}/apis/apps/v1/namespaces/{NS}/deployments/nope",
+            fake.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["reason"], "NotFound");
+}
