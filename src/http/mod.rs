@@ -4,6 +4,7 @@
 //! into responses. Every error is JSON `{"error": "..."}` with a status
 //! that says whose fault it is.
 
+mod assets;
 mod direct;
 mod direct_ws;
 mod error;
@@ -106,6 +107,8 @@ pub fn router(state: State) -> Router {
         )
         .route("/events", get(sse::events))
         .route("/ws", get(ws::upgrade))
+        .route("/", get(assets::demo))
+        .route("/herald.js", get(assets::client_js))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/status", get(ops::status))

@@ -3,6 +3,7 @@
 // Helpers outside #[test] functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod assets;
 mod bench;
 mod cli;
 mod fake_kube;
