@@ -209,3 +209,18 @@ test('a new version on a Deployment channel shows the banner (and the screenshot
   console.log(`# screenshot: ${ARTIFACTS}/demo.png`);
   await page.close();
 });
+
+test('the client works in Node with a passed WebSocket implementation', { skip: missing || false }, async () => {
+  const { default: WebSocket } = await import('ws');
+  const { connect } = await import('../herald.js');
+  const client = connect({ url: herald.url, channels: ['node'], WebSocket });
+  const got = [];
+  client.on('message', (e) => got.push(e.data));
+  await until(() => client.state === 'open', 'the connection');
+  await until(async () => {
+    await herald.publish('node', 'from node');
+    return got.includes('from node');
+  }, 'an event');
+  client.close();
+  assert.equal(client.state, 'closed');
+});
