@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster;
 use crate::config::Config;
 use crate::http;
 use crate::hub::Hub;
@@ -39,6 +40,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The internal (peer) listener could not be bound.
+    #[error("cannot listen on {addr} (--internal-listen)")]
+    BindInternal {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The Kubernetes client could not be set up.
     #[error(transparent)]
     Kube(#[from] crate::k8s::Error),
@@ -52,6 +62,7 @@ pub struct App {
     hub: Arc<Hub>,
     kube: Option<kube::Client>,
     compat: Option<(TcpListener, SocketAddr)>,
+    internal: Option<(TcpListener, SocketAddr)>,
 }
 
 impl std::fmt::Debug for App {
@@ -87,6 +98,15 @@ impl App {
                 Some((l, local))
             }
         };
+        let internal = if config.cluster.enabled() {
+            let addr = config.cluster.internal_listen;
+            let bind_err = |source| Error::BindInternal { addr, source };
+            let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+            let local = l.local_addr().map_err(bind_err)?;
+            Some((l, local))
+        } else {
+            None
+        };
         // A bad kubeconfig fails the start, not the first watch.
         let kube = if config.kube.enabled() {
             Some(k8s::client(&config.kube).await?)
@@ -101,6 +121,7 @@ impl App {
             hub,
             kube,
             compat,
+            internal,
         })
     }
 
@@ -112,6 +133,11 @@ impl App {
     /// The spa-reloader compatible listener's address, if enabled.
     pub fn compat_addr(&self) -> Option<SocketAddr> {
         self.compat.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The internal (peer) listener's address, if clustering.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().map(|(_, a)| *a)
     }
 
     /// The hub (for embedding and tests).
@@ -129,6 +155,7 @@ impl App {
             hub,
             kube,
             compat,
+            internal,
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
@@ -136,7 +163,31 @@ impl App {
         tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
         let sources =
             kube.map(|client| k8s::Sources::start(&client, &config.kube, &hub, &tasks, &shutdown));
+        let cluster = internal.map(|(listener, addr)| {
+            let router = cluster::router(
+                hub.clone(),
+                config.cluster.secret.clone(),
+                config.max_message_bytes,
+                shutdown.clone(),
+                tasks.clone(),
+            );
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, router)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "the internal listener failed");
+                }
+            });
+            tracing::info!(%addr, mode = ?config.cluster.mode, "internal listener for peers");
+            cluster::Node::start(&config.node_name, &hub, &config.cluster, &tasks, &shutdown)
+        });
         let state = http::State {
+            cluster,
             sources,
             hub,
             config: config.clone(),

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 
+use crate::cluster;
 use crate::config::{self, Config, Cors, Secret};
 use crate::k8s;
 
@@ -144,6 +145,40 @@ pub struct ServeArgs {
     /// Compatibility (spa-reloader): resync period in seconds.
     #[arg(long, env = "SPA_RESYNC_SEC", hide = true)]
     pub spa_resync_sec: Option<String>,
+    /// Share channels with peers: none, static, dns (kubernetes and gossip are not built yet).
+    #[arg(long, env = "HERALD_CLUSTER", value_name = "MODE", default_value = "none", value_parser = cluster::Mode::parse)]
+    pub cluster: cluster::Mode,
+    /// Static peers: internal listeners as host:port (comma-separated).
+    #[arg(
+        long,
+        env = "HERALD_PEERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub peers: Vec<String>,
+    /// A DNS name listing the peers (a headless Service), with or without :PORT.
+    #[arg(long, env = "HERALD_PEERS_DNS", value_name = "NAME")]
+    pub peers_dns: Option<String>,
+    /// How often --peers-dns is re-resolved.
+    #[arg(long, env = "HERALD_PEERS_DNS_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
+    pub peers_dns_interval: Duration,
+    /// The internal listener for peer traffic [default: 0.0.0.0:7000 when clustering].
+    #[arg(long, env = "HERALD_INTERNAL_LISTEN", value_name = "ADDR")]
+    pub internal_listen: Option<SocketAddr>,
+    /// Shared secret of peer traffic (required unless --internal-listen is loopback).
+    #[arg(
+        long,
+        env = "HERALD_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
+    /// Timeout of a peer request, and of silence on a peer's stream [default: 10s, or $HTTP_CLIENT_TIMEOUT].
+    #[arg(long, env = "HERALD_PEER_TIMEOUT", value_parser = config::parse_duration)]
+    pub peer_timeout: Option<Duration>,
+    /// Compatibility (sse-cluster): the node-to-node timeout.
+    #[arg(long, env = "HTTP_CLIENT_TIMEOUT", hide = true, value_parser = config::parse_duration)]
+    pub http_client_timeout: Option<Duration>,
     /// Compatibility (spa-reloader): port of the WebSocket listener (all interfaces).
     #[arg(long, env = "SPA_WEBSOCKET_PORT", hide = true)]
     pub spa_websocket_port: Option<u16>,
@@ -187,7 +222,24 @@ impl ServeArgs {
             self.spa_websocket_port
                 .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
         });
+        let cluster = cluster::Options {
+            mode: self.cluster,
+            peers: self.peers.clone(),
+            peers_dns: self.peers_dns.clone(),
+            peers_dns_interval: self.peers_dns_interval,
+            internal_listen: self.internal_listen.unwrap_or_else(|| {
+                cluster::DEFAULT_INTERNAL_LISTEN
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7000)))
+            }),
+            secret: self.cluster_secret.clone().map(Secret::new),
+            peer_timeout: self
+                .peer_timeout
+                .or(self.http_client_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+        };
         let config = Config {
+            cluster,
             kube,
             spa_compat_listen,
             listen,

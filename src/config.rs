@@ -118,6 +118,8 @@ pub struct Config {
     pub kube: crate::k8s::Options,
     /// The spa-reloader compatible WebSocket listener, if any.
     pub spa_compat_listen: Option<SocketAddr>,
+    /// Clustering (peers, the internal listener).
+    pub cluster: crate::cluster::Options,
 }
 
 impl Config {
@@ -142,6 +144,7 @@ impl Config {
                 ..crate::k8s::Options::default()
             },
             spa_compat_listen: None,
+            cluster: crate::cluster::Options::default(),
         }
     }
 
@@ -200,6 +203,18 @@ impl Config {
                 message: "announces Deployment versions, but no Deployment is watched; add --watch-deployment, --watch-deployments or --watch-selector".into(),
             });
         }
+        if let Err((flag, message)) = self.cluster.validate() {
+            return Err(ConfigError::Invalid { flag, message });
+        }
+        if self.cluster.enabled() && !crate::hub::valid_origin(&self.node_name) {
+            return Err(ConfigError::Invalid {
+                flag: "--node-name",
+                message: format!(
+                    "{:?}: in a cluster the node name is its origin: 1 to 63 characters of a-z A-Z 0-9 . _ -",
+                    self.node_name
+                ),
+            });
+        }
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid {
                 flag: "--node-name",
@@ -215,6 +230,10 @@ impl Config {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
             max_queued_bytes: self.max_queued_bytes,
+            origin: self
+                .cluster
+                .enabled()
+                .then(|| std::sync::Arc::from(self.node_name.as_str())),
         }
     }
 }

@@ -8,11 +8,12 @@
 //! `publish` and `subscribe` clients); [`shutdown`] turns signals into
 //! cancellation; [`bench`] is the load generator (`herald bench`);
 //! [`k8s`] watches Kubernetes (Deployment versions, Events) and publishes
-//! into the hub.
+//! into the hub; [`cluster`] shares every channel between replicas.
 
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;

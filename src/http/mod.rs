@@ -43,6 +43,8 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The cluster node, if clustering.
+    pub cluster: Option<Arc<crate::cluster::Node>>,
     /// The Kubernetes sources, if any are configured.
     pub sources: Option<Arc<crate::k8s::Sources>>,
     /// Ticks every `--heartbeat`: one shared timer instead of one per idle
@@ -77,6 +79,7 @@ impl State {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             sources: None,
+            cluster: None,
             ticks: tokio::sync::watch::channel(0).1,
         }
     }

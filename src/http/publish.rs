@@ -53,16 +53,44 @@ pub(super) async fn client(
             "an idempotency id cannot be used when publishing to a single client",
         ));
     }
-    let published = state.hub.publish_to_client(&channel, &client, p)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "id": published.id.to_string() })),
-    ))
+    match state.hub.publish_to_client(&channel, &client, p.clone()) {
+        Ok(published) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "id": published.id.to_string() })),
+        )),
+        // In a cluster the client may be connected to another node.
+        Err(e) => match &state.cluster {
+            Some(c)
+                if c.publish_to_client(crate::cluster::client_body(&channel, &client, &p))
+                    .await =>
+            {
+                Ok((
+                    StatusCode::ACCEPTED,
+                    Json(serde_json::json!({ "forwarded": true })),
+                ))
+            }
+            _ => Err(e.into()),
+        },
+    }
 }
 
 pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<Accepted, ApiError> {
     let p = read(&state, req).await?;
-    let out = state.hub.publish_all(&p);
+    let out = match &state.cluster {
+        // Every channel with subscribers on any node, published here once
+        // and shared like any other event.
+        Some(c) => c
+            .channels_with_subscribers()
+            .await
+            .iter()
+            .filter_map(|n| ChannelName::parse(n).ok())
+            .map(|ch| {
+                let published = state.hub.publish(&ch, p.clone());
+                (ch, published)
+            })
+            .collect(),
+        None => state.hub.publish_all(&p),
+    };
     let ids: serde_json::Map<String, serde_json::Value> = out
         .iter()
         .map(|(c, p)| (c.to_string(), p.id.to_string().into()))

@@ -57,6 +57,13 @@ pub struct Event {
     pub key: Option<String>,
     /// When the hub accepted it (monotonic; drives history expiry).
     pub published_at: Instant,
+    /// In a cluster: the node that accepted it (its `id` is that node's).
+    pub origin: Option<super::position::Origin>,
+    /// In a cluster: the id subscribers see, this node's position after it
+    /// (see [`super::position`]); `None` = `id`.
+    pub wire_id: Option<Arc<str>>,
+    /// Published to be kept as the channel's current value.
+    pub retain: bool,
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
     ws_frame: OnceLock<Bytes>,
@@ -80,6 +87,9 @@ impl Event {
             retry,
             key,
             published_at: Instant::now(),
+            origin: None,
+            wire_id: None,
+            retain: false,
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             ws_frame: OnceLock::new(),
@@ -91,11 +101,19 @@ impl Event {
         self.name.as_ref().map_or("message", EventName::as_str)
     }
 
+    /// The id subscribers see: the cluster position, else the id.
+    pub fn wire_id(&self) -> String {
+        match &self.wire_id {
+            Some(w) => w.to_string(),
+            None => self.id.to_string(),
+        }
+    }
+
     /// The SSE frame, encoded once.
     pub fn sse(&self) -> &Bytes {
         self.sse.get_or_init(|| {
             sse_frame(
-                Some(&self.id.to_string()),
+                Some(&self.wire_id()),
                 self.name.as_ref().map(EventName::as_str),
                 self.retry,
                 self.data.as_text(),
@@ -239,7 +257,7 @@ fn ws_event(ev: &Event) -> Bytes {
     out.extend_from_slice(b"{\"type\":\"event\",\"channel\":");
     push_json_str(&mut out, ev.channel.as_str());
     out.extend_from_slice(b",\"id\":\"");
-    out.extend_from_slice(ev.id.to_string().as_bytes());
+    out.extend_from_slice(ev.wire_id().as_bytes());
     out.extend_from_slice(b"\",\"event\":");
     push_json_str(&mut out, ev.name_str());
     out.extend_from_slice(b",\"data\":");

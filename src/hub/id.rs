@@ -97,6 +97,11 @@ impl IdGen {
         EventId(now.max(prev + 1))
     }
 
+    /// Makes every later id greater than `id`.
+    pub fn observe(&self, id: EventId) {
+        self.last.fetch_max(id.0, Ordering::AcqRel);
+    }
+
     /// The smallest id this generator can issue: ids below it predate this
     /// process, so the hub knows nothing of what followed them.
     pub fn boot(&self) -> EventId {

@@ -15,6 +15,7 @@ mod event;
 mod id;
 mod name;
 mod outbox;
+mod position;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use event::{
 pub use id::{EventId, IdGen, InvalidEventId};
 pub use name::{ChannelName, ClientId, EventName, InvalidName};
 pub use outbox::{Batch, Closed, Item, Outbox, Pushed};
+pub use position::{MAX_ORIGINS, Origin, Position, valid_origin};
 
 /// Errors from hub operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +69,9 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Bytes a connection may have queued before it is cut off as slow.
     pub max_queued_bytes: usize,
+    /// In a cluster: this node's origin name. Events then carry their
+    /// origin and subscribers see positions as ids (see [`position`]).
+    pub origin: Option<Origin>,
 }
 
 /// What to publish.
@@ -100,6 +105,8 @@ pub enum Resume {
     Fresh,
     /// Everything retained after this id, then live events.
     After(EventId),
+    /// A cluster position: what is newer per origin, then live.
+    Position(Position),
     /// An id the hub cannot read: reset, replay all, then live.
     Unknown(String),
 }
@@ -109,6 +116,9 @@ impl Resume {
     pub fn parse(last_event_id: Option<&str>) -> Self {
         match last_event_id.map(str::trim) {
             None | Some("") => Self::Fresh,
+            Some(s) if s.contains('=') => {
+                Position::parse(s).map_or_else(|| Self::Unknown(s.to_owned()), Self::Position)
+            }
             Some(s) => s
                 .parse()
                 .map_or_else(|_| Self::Unknown(s.to_owned()), Self::After),
@@ -128,6 +138,19 @@ pub struct Hub {
     connections: AtomicU64,
     slow_disconnects: AtomicU64,
     published: AtomicU64,
+    /// Cluster mode: the node's position, held while an event is applied
+    /// (so positions and queue order agree across channels).
+    cluster: Mutex<ClusterState>,
+    /// Cluster mode: per origin, the newest id lost with freed channels.
+    freed: Mutex<Position>,
+    /// Cluster mode: this node's own events, as they are applied.
+    applied: tokio::sync::broadcast::Sender<SharedEvent>,
+}
+
+#[derive(Debug, Default)]
+struct ClusterState {
+    position: Position,
+    last_seen: HashMap<Origin, Instant>,
 }
 
 #[derive(Debug)]
@@ -146,6 +169,8 @@ struct ChannelState {
     subscribers: Slab<Sub>,
     clients: HashMap<ClientId, usize>,
     keys: HashMap<String, EventId>,
+    /// Cluster mode: per origin, the newest id dropped from history.
+    lost_by_origin: Position,
     removed: bool,
 }
 
@@ -153,6 +178,19 @@ struct ChannelState {
 struct Sub {
     outbox: Arc<Outbox>,
     client: ClientId,
+    /// Cluster mode: what this subscriber had seen when it resumed, so
+    /// events this node applies later but the client already has are not
+    /// sent again.
+    skip: Option<Arc<Position>>,
+}
+
+impl Sub {
+    fn wants(&self, ev: &Event) -> bool {
+        match (&self.skip, &ev.origin) {
+            (Some(p), Some(o)) => !p.covers(o, ev.id),
+            _ => true,
+        }
+    }
 }
 
 impl ChannelState {
@@ -162,7 +200,10 @@ impl ChannelState {
 
     fn evict_front(&mut self) {
         if let Some(ev) = self.history.pop_front() {
-            self.lost_upto = self.lost_upto.max(ev.id);
+            match &ev.origin {
+                Some(o) => self.lost_by_origin.advance(o, ev.id),
+                None => self.lost_upto = self.lost_upto.max(ev.id),
+            }
             if let Some(k) = &ev.key
                 && self.keys.get(k) == Some(&ev.id)
             {
@@ -197,6 +238,29 @@ impl ChannelState {
             }
         }
         items.extend(self.history.iter().cloned().map(Item::Event));
+        items
+    }
+}
+
+impl ChannelState {
+    /// What a client at position `p` has not seen: the retained value
+    /// (unless history holds it), then history.
+    fn unseen(&self, p: &Position) -> Vec<Item> {
+        let unseen = |e: &SharedEvent| e.origin.as_ref().is_none_or(|o| !p.covers(o, e.id));
+        let mut items = Vec::new();
+        if let Some(r) = &self.retained
+            && unseen(r)
+            && !self.history.iter().any(|h| Arc::ptr_eq(h, r))
+        {
+            items.push(Item::Event(r.clone()));
+        }
+        items.extend(
+            self.history
+                .iter()
+                .filter(|e| unseen(e))
+                .cloned()
+                .map(Item::Event),
+        );
         items
     }
 }
@@ -287,6 +351,9 @@ impl Hub {
             connections: AtomicU64::new(0),
             slow_disconnects: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            cluster: Mutex::new(ClusterState::default()),
+            freed: Mutex::new(Position::new()),
+            applied: tokio::sync::broadcast::channel(4096).0,
         })
     }
 
@@ -330,6 +397,11 @@ impl Hub {
                                 subscribers: Slab::new(),
                                 clients: HashMap::new(),
                                 keys: HashMap::new(),
+                                lost_by_origin: if self.config.origin.is_some() {
+                                    self.freed.lock().clone()
+                                } else {
+                                    Position::new()
+                                },
                                 removed: false,
                             }),
                         })
@@ -360,6 +432,12 @@ impl Hub {
             st.removed = true;
             self.freed_watermark
                 .fetch_max(st.lost_upto.as_u64(), Ordering::AcqRel);
+            if !st.lost_by_origin.is_empty() {
+                let mut freed = self.freed.lock();
+                for (o, id) in st.lost_by_origin.iter() {
+                    freed.advance(o, id);
+                }
+            }
             true
         });
     }
@@ -367,24 +445,174 @@ impl Hub {
     /// Publishes to one channel: assigns an id, keeps it in history (and as
     /// the retained value if asked), and queues it for every subscriber.
     pub fn publish(&self, channel: &ChannelName, p: Publish) -> Published {
+        if let Some(origin) = &self.config.origin {
+            let origin = origin.clone();
+            return self.apply_cluster(channel, origin, None, p, true);
+        }
+        let key = p.key.clone();
+        let retain = p.retain;
+        self.insert(channel, key, retain, || self.event(channel, p))
+    }
+
+    /// Applies an event another node accepted (cluster mode), unless this
+    /// node has applied it already. Events of one origin must be applied
+    /// in id order. Returns false for one already applied.
+    pub fn apply_remote(
+        &self,
+        channel: &ChannelName,
+        origin: &Origin,
+        id: EventId,
+        p: Publish,
+    ) -> bool {
+        if self.config.origin.is_none() {
+            return false;
+        }
+        if self.cluster.lock().position.covers(origin, id) {
+            return false;
+        }
+        let published = self.apply_cluster(channel, origin.clone(), Some(id), p, false);
+        !published.duplicate
+    }
+
+    /// Cluster mode: assigns the position under the node's apply lock,
+    /// then inserts as a single node does.
+    fn apply_cluster(
+        &self,
+        channel: &ChannelName,
+        origin: Origin,
+        id: Option<EventId>,
+        p: Publish,
+        local: bool,
+    ) -> Published {
+        let mut cs = self.cluster.lock();
+        let id = match id {
+            Some(id) if cs.position.covers(&origin, id) => {
+                return Published {
+                    id,
+                    duplicate: true,
+                };
+            }
+            Some(id) => id,
+            None => self.ids.next(),
+        };
+        cs.position.advance(&origin, id);
+        cs.last_seen.insert(origin.clone(), Instant::now());
+        let wire: Arc<str> = Arc::from(cs.position.to_string());
+        let key = p.key.clone();
+        let retain = p.retain;
+        let mut made = None;
+        let published = self.insert(channel, key, retain, || {
+            let mut ev = Event::new(id, channel.clone(), p.event, p.data, p.retry, p.key);
+            ev.origin = Some(origin);
+            ev.wire_id = Some(wire);
+            ev.retain = retain;
+            let ev = Arc::new(ev);
+            made = Some(ev.clone());
+            ev
+        });
+        if local && let Some(ev) = made {
+            // Nobody listening (no peers yet) is fine.
+            let _ = self.applied.send(ev);
+        }
+        drop(cs);
+        published
+    }
+
+    /// Cluster mode: this node's own events, as they are applied.
+    pub fn applied(&self) -> tokio::sync::broadcast::Receiver<SharedEvent> {
+        self.applied.subscribe()
+    }
+
+    /// Cluster mode: the node's position now.
+    pub fn position(&self) -> Position {
+        self.cluster.lock().position.clone()
+    }
+
+    /// Cluster mode: makes sure this node's own ids stay above `id` (an
+    /// event of its own it learnt back from a peer after a restart).
+    pub fn observe_own(&self, id: EventId) {
+        self.ids.observe(id);
+    }
+
+    /// Every event kept (history and retained values), sorted by origin
+    /// and id: what a starting node backfills from a peer.
+    pub fn snapshot(&self) -> Vec<SharedEvent> {
+        let mut out: Vec<SharedEvent> = vec![];
+        for e in &self.channels {
+            let st = e.value().state.lock();
+            if let Some(r) = &st.retained
+                && !st.history.iter().any(|h| Arc::ptr_eq(h, r))
+            {
+                out.push(r.clone());
+            }
+            out.extend(st.history.iter().cloned());
+        }
+        out.retain(|e| e.origin.is_some());
+        out.sort_by(|a, b| (&a.origin, a.id).cmp(&(&b.origin, b.id)));
+        out
+    }
+
+    /// This node's own events after `after`, in id order, from history.
+    pub fn own_events_after(&self, after: EventId) -> Vec<SharedEvent> {
+        let Some(me) = &self.config.origin else {
+            return vec![];
+        };
+        let mut out: Vec<SharedEvent> = vec![];
+        for e in &self.channels {
+            let st = e.value().state.lock();
+            out.extend(
+                st.history
+                    .iter()
+                    .filter(|h| h.id > after && h.origin.as_ref() == Some(me))
+                    .cloned(),
+            );
+            if let Some(r) = &st.retained
+                && r.id > after
+                && r.origin.as_ref() == Some(me)
+                && !st.history.iter().any(|h| Arc::ptr_eq(h, r))
+            {
+                out.push(r.clone());
+            }
+        }
+        out.sort_by_key(|e| e.id);
+        out
+    }
+
+    /// Inserts an event made (under the channel's lock) by `make`: history,
+    /// retained value, idempotency key, fan-out.
+    fn insert(
+        &self,
+        channel: &ChannelName,
+        key: Option<String>,
+        retain: bool,
+        make: impl FnOnce() -> SharedEvent,
+    ) -> Published {
         let now = Instant::now();
         let (published, ch, idle) = self.with_channel(channel, |_, st| {
-            if let Some(id) = p.key.as_ref().and_then(|k| st.keys.get(k)) {
+            if let Some(id) = key.as_ref().and_then(|k| st.keys.get(k)) {
                 return Published {
                     id: *id,
                     duplicate: true,
                 };
             }
             st.expire(now, self.config.history_ttl);
-            let retain = p.retain;
-            let ev = self.event(channel, p);
+            let ev = make();
             let id = ev.id;
-            self.fan_out(st.subscribers.iter().map(|(_, s)| &s.outbox), &ev);
+            self.fan_out(
+                st.subscribers
+                    .iter()
+                    .filter(|(_, s)| s.wants(&ev))
+                    .map(|(_, s)| &s.outbox),
+                &ev,
+            );
             if retain {
                 st.retained = Some(ev.clone());
             }
             if self.config.history_size == 0 {
-                st.lost_upto = id;
+                match &ev.origin {
+                    Some(o) => st.lost_by_origin.advance(o, id),
+                    None => st.lost_upto = id,
+                }
             } else {
                 if let Some(k) = &ev.key {
                     st.keys.insert(k.clone(), id);
@@ -470,13 +698,22 @@ impl Hub {
             .get(channel)
             .map(|c| c.value().clone())
             .ok_or_else(not_found)?;
+        // Lock order in a cluster: the node's apply lock, then the channel.
+        let cluster = self.config.origin.is_some().then(|| self.cluster.lock());
         let st = ch.state.lock();
         let sub = st
             .clients
             .get(client)
             .and_then(|k| st.subscribers.get(*k))
             .ok_or_else(not_found)?;
-        let ev = self.event(channel, Publish { key: None, ..p });
+        let mut ev = self.event(channel, Publish { key: None, ..p });
+        if let Some(cs) = &cluster {
+            // Not part of any origin's stream: its id is the node's current
+            // position, so a client that resumes from it misses nothing.
+            if let Some(e) = Arc::get_mut(&mut ev) {
+                e.wire_id = Some(Arc::from(cs.position.to_string()));
+            }
+        }
         self.fan_out(std::iter::once(&sub.outbox), &ev);
         self.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published {
@@ -507,7 +744,9 @@ impl Hub {
             let replay = match from {
                 Resume::Fresh => st.retained.iter().cloned().map(Item::Event).collect(),
                 Resume::After(after) => {
-                    if *after < self.ids.boot() || *after > self.ids.last() {
+                    if self.config.origin.is_some() {
+                        self.reset(st, channel, None, "the event id is not a cluster position")
+                    } else if *after < self.ids.boot() || *after > self.ids.last() {
                         self.reset(st, channel, None, "the event id is unknown to this hub")
                     } else if st.lost_upto > *after {
                         let reason = "events after this id are no longer retained";
@@ -521,14 +760,31 @@ impl Hub {
                             .collect()
                     }
                 }
-                Resume::Unknown(_) => {
+                Resume::Position(p) if self.config.origin.is_some() => {
+                    if st.lost_by_origin.iter().any(|(o, lost)| lost > p.get(o)) {
+                        let mut items = vec![Item::Reset(Arc::new(Reset {
+                            channel: channel.clone(),
+                            reason: "events after this id are no longer retained".to_owned(),
+                        }))];
+                        items.extend(st.unseen(p));
+                        items
+                    } else {
+                        st.unseen(p)
+                    }
+                }
+                Resume::Position(_) | Resume::Unknown(_) => {
                     self.reset(st, channel, None, "the event id is not one herald issued")
                 }
             };
             outbox.push_replay(replay);
+            let skip = match from {
+                Resume::Position(p) if self.config.origin.is_some() => Some(Arc::new(p.clone())),
+                _ => None,
+            };
             let key = st.subscribers.insert(Sub {
                 outbox: outbox.clone(),
                 client: client.clone(),
+                skip,
             });
             st.clients.insert(client.clone(), key);
             Ok(key)

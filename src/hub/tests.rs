@@ -5,6 +5,7 @@ fn cfg(history_size: usize) -> Config {
         history_size,
         history_ttl: Duration::from_secs(600),
         max_queued_bytes: 1 << 20,
+        origin: None,
     }
 }
 
@@ -323,4 +324,144 @@ fn concurrent_publishers_keep_per_channel_order() {
         })
         .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
+}
+
+mod cluster {
+    use super::*;
+
+    fn node(name: &str) -> Arc<Hub> {
+        Hub::new(Config {
+            origin: Some(Origin::from(name)),
+            ..cfg(100)
+        })
+    }
+
+    fn data(ev: &Item) -> String {
+        match ev {
+            Item::Event(e) => e.data.as_text().to_owned(),
+            Item::Reset(_) => "RESET".into(),
+        }
+    }
+
+    fn drain(outbox: &Arc<Outbox>) -> Vec<Item> {
+        match outbox.try_batch() {
+            Some(Batch::Items(items)) => items.into_iter().collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Copies node `from`'s own events to `to`, as a peer stream does.
+    fn replicate(from: &Hub, to: &Hub) {
+        for ev in from.own_events_after(EventId::from_u64(0)) {
+            to.apply_remote(
+                &ev.channel,
+                ev.origin.as_ref().unwrap(),
+                ev.id,
+                Publish {
+                    data: ev.data.clone(),
+                    event: ev.name.clone(),
+                    key: ev.key.clone(),
+                    retry: ev.retry,
+                    retain: ev.retain,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_positions_and_resume_on_another_node_exactly() {
+        let (a, b) = (node("a"), node("b"));
+        let c = ch("c");
+        let sub_a = a.outbox();
+        let _s = a
+            .subscribe(&c, &ClientId::generate(), &sub_a, &Resume::Fresh)
+            .unwrap();
+        a.publish(&c, text("a1"));
+        b.publish(&c, text("b1"));
+        replicate(&b, &a);
+        a.publish(&c, text("a2"));
+        let got = drain(&sub_a);
+        let ids: Vec<String> = got
+            .iter()
+            .map(|i| match i {
+                Item::Event(e) => e.wire_id(),
+                Item::Reset(_) => String::new(),
+            })
+            .collect();
+        assert!(
+            ids[0].starts_with("a=") && !ids[0].contains("b="),
+            "{ids:?}"
+        );
+        assert!(ids[1].contains("a=") && ids[1].contains("b="), "{ids:?}");
+        // The client saw a1 and b1 on node a, then moves to node b, which
+        // has not received a2 yet.
+        replicate(&a, &b);
+        let seen = Resume::parse(Some(&ids[1]));
+        assert!(matches!(seen, Resume::Position(_)));
+        let sub_b = b.outbox();
+        let _s2 = b
+            .subscribe(&c, &ClientId::generate(), &sub_b, &seen)
+            .unwrap();
+        let got: Vec<String> = drain(&sub_b).iter().map(data).collect();
+        assert_eq!(got, ["a2"]);
+        // A re-delivery of what the client already has is skipped.
+        b.apply_remote(&c, &Origin::from("a"), EventId::from_u64(1), text("stale"));
+        b.publish(&c, text("b2"));
+        let got: Vec<String> = drain(&sub_b).iter().map(data).collect();
+        assert_eq!(got, ["b2"]);
+    }
+
+    #[test]
+    fn an_event_already_applied_is_applied_once() {
+        let (a, b) = (node("a"), node("b"));
+        let c = ch("c");
+        a.publish(&c, text("x"));
+        replicate(&a, &b);
+        replicate(&a, &b);
+        assert_eq!(b.snapshot().len(), 1);
+        assert_eq!(b.position().get("a"), a.position().get("a"));
+    }
+
+    #[test]
+    fn a_position_older_than_history_gets_a_reset() {
+        let a = Hub::new(Config {
+            origin: Some(Origin::from("a")),
+            ..cfg(2)
+        });
+        let c = ch("c");
+        let sub = a.outbox();
+        let _s = a
+            .subscribe(&c, &ClientId::generate(), &sub, &Resume::Fresh)
+            .unwrap();
+        a.publish(&c, text("1"));
+        let first = match &drain(&sub)[0] {
+            Item::Event(e) => e.wire_id(),
+            Item::Reset(_) => unreachable!(),
+        };
+        for d in ["2", "3", "4"] {
+            a.publish(&c, text(d));
+        }
+        let late = a.outbox();
+        let _s2 = a
+            .subscribe(
+                &c,
+                &ClientId::generate(),
+                &late,
+                &Resume::parse(Some(&first)),
+            )
+            .unwrap();
+        let got: Vec<String> = drain(&late).iter().map(data).collect();
+        assert_eq!(got, ["RESET", "3", "4"]);
+        // A plain single-node id means nothing to a cluster node.
+        let plain = a.outbox();
+        let _s3 = a
+            .subscribe(
+                &c,
+                &ClientId::generate(),
+                &plain,
+                &Resume::parse(Some("1795000000000000")),
+            )
+            .unwrap();
+        assert_eq!(data(&drain(&plain)[0]), "RESET");
+    }
 }

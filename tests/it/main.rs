@@ -6,6 +6,7 @@
 mod assets;
 mod bench;
 mod cli;
+mod cluster;
 mod fake_kube;
 mod k8s;
 mod lifecycle;

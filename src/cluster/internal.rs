@@ -1,0 +1,381 @@
+//! The internal listener: what peers (and sser-era apps) call.
+//!
+//! - `GET /internal/v1/stream?from=POSITION`: this node's own events after
+//!   `from`'s entry for it, then live, as NDJSON; a `{"tick":ID}` line
+//!   every second keeps the stream's liveness and lag visible.
+//! - `GET /internal/v1/snapshot`: every kept event, for a starting node.
+//! - `GET /internal/v1/channels`: channels with subscribers here.
+//! - `POST /internal/v1/client`: a targeted publish for a client here.
+//! - `POST /api/json/v1/send`: sser's endpoint, `{"stream","msg"}`.
+//!
+//! Every request needs `Authorization: Bearer SECRET` when
+//! `--cluster-secret` is set.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::hub::{
+    ChannelName, ClientId, Data, EventId, EventName, Hub, Origin, Position, Publish, SharedEvent,
+};
+
+/// One event on the wire between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Line {
+    /// The origin node.
+    pub origin: String,
+    /// The origin's id.
+    pub id: String,
+    /// The channel.
+    pub channel: String,
+    /// The event name, if not `message`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// The data: JSON as published, or a string.
+    pub data: Box<RawValue>,
+    /// True if `data` is JSON that was published as JSON (not a string).
+    #[serde(default)]
+    pub json: bool,
+    /// Reconnection delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u64>,
+    /// Idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Kept as the channel's current value.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+impl Line {
+    /// The wire form of an event (which must have an origin).
+    pub fn of(ev: &SharedEvent) -> Option<Self> {
+        let origin = ev.origin.as_ref()?;
+        let (data, json) = match &ev.data {
+            Data::Json(raw) => (RawValue::from_string(raw.clone()).ok()?, true),
+            Data::Text(t) => (
+                RawValue::from_string(serde_json::to_string(t).ok()?).ok()?,
+                false,
+            ),
+        };
+        Some(Self {
+            origin: origin.to_string(),
+            id: ev.id.to_string(),
+            channel: ev.channel.as_str().to_owned(),
+            event: ev.name.as_ref().map(|n| n.as_str().to_owned()),
+            data,
+            json,
+            retry: ev.retry,
+            key: ev.key.clone(),
+            retain: ev.retain,
+        })
+    }
+}
+
+/// Applies one line from a peer; false if it was invalid or already here.
+pub fn apply(hub: &Hub, me: &str, l: Line) -> bool {
+    let (Ok(channel), Ok(id)) = (ChannelName::parse(&l.channel), l.id.parse::<EventId>()) else {
+        tracing::warn!(origin = %l.origin, "ignoring a malformed event from a peer");
+        return false;
+    };
+    if !crate::hub::valid_origin(&l.origin) {
+        return false;
+    }
+    let data = if l.json {
+        Data::Json(l.data.get().to_owned())
+    } else {
+        match serde_json::from_str::<String>(l.data.get()) {
+            Ok(s) => Data::Text(s),
+            Err(_) => return false,
+        }
+    };
+    let event = match l.event.as_deref().map(EventName::parse) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return false,
+    };
+    if l.origin == me {
+        // One of this node's own events, learnt back after a restart.
+        hub.observe_own(id);
+    }
+    let origin: Origin = Arc::from(l.origin.as_str());
+    hub.apply_remote(
+        &channel,
+        &origin,
+        id,
+        Publish {
+            data,
+            event,
+            key: l.key,
+            retry: l.retry,
+            retain: l.retain,
+        },
+    )
+}
+
+/// What the internal handlers share.
+#[derive(Clone)]
+struct Internal {
+    hub: Arc<Hub>,
+    secret: Option<crate::config::Secret>,
+    max_message_bytes: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+/// The internal router. Its streams run on `tasks` and end on `shutdown`.
+pub fn router(
+    hub: Arc<Hub>,
+    secret: Option<crate::config::Secret>,
+    max_message_bytes: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+) -> axum::Router {
+    let state = Internal {
+        hub,
+        secret,
+        max_message_bytes,
+        shutdown,
+        tasks,
+    };
+    axum::Router::new()
+        .route("/internal/v1/stream", get(stream))
+        .route("/internal/v1/snapshot", get(snapshot))
+        .route("/internal/v1/channels", get(channels))
+        .route("/internal/v1/client", post(client))
+        .route("/api/json/v1/send", post(sser_send).put(sser_send))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({"error": msg.into()}))).into_response()
+}
+
+async fn auth(State(s): State<Internal>, req: Request, next: Next) -> Response {
+    if let Some(secret) = &s.secret {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), secret.expose().as_bytes())) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "peer traffic needs Authorization: Bearer <--cluster-secret>",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn line_bytes(l: &impl Serialize) -> Option<Bytes> {
+    let mut v = serde_json::to_vec(l).ok()?;
+    v.push(b'\n');
+    Some(Bytes::from(v))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    #[serde(default)]
+    from: Option<String>,
+}
+
+async fn stream(
+    State(s): State<Internal>,
+    axum::extract::Query(q): axum::extract::Query<StreamQuery>,
+) -> Response {
+    let Some(me) = s.hub.config().origin.clone() else {
+        return error(StatusCode::NOT_FOUND, "this node is not clustered");
+    };
+    let from = match q.from.as_deref().filter(|f| !f.is_empty()) {
+        None => Position::new(),
+        Some(f) => match Position::parse(f) {
+            Some(p) => p,
+            None => return error(StatusCode::BAD_REQUEST, "from: not a position"),
+        },
+    };
+    let mut after = from.get(&me);
+    // Subscribe before reading the backlog, so nothing falls between.
+    let mut live = s.hub.applied();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let hub = s.hub.clone();
+    let shutdown = s.shutdown.clone();
+    s.tasks.spawn(async move {
+        let send_backlog = |after: EventId| hub.own_events_after(after);
+        let mut backlog = send_backlog(after);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            for ev in backlog.drain(..) {
+                if ev.id <= after {
+                    continue;
+                }
+                after = ev.id;
+                if let Some(b) = Line::of(&ev).as_ref().and_then(line_bytes)
+                    && tx.send(b).await.is_err()
+                {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+                _ = tick.tick() => {
+                    let t = serde_json::json!({"tick": hub.position().get(&me).to_string(), "node": &*me});
+                    if let Some(b) = line_bytes(&t)
+                        && tx.send(b).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                ev = live.recv() => match ev {
+                    Ok(ev) => backlog.push(ev),
+                    // Fell behind the live feed: read history instead.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => backlog = send_backlog(after),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
+}
+
+async fn snapshot(State(s): State<Internal>) -> Response {
+    let lines: Vec<Line> = s.hub.snapshot().iter().filter_map(Line::of).collect();
+    Json(lines).into_response()
+}
+
+async fn channels(State(s): State<Internal>) -> Response {
+    let names: Vec<String> = s
+        .hub
+        .status()
+        .channels
+        .into_iter()
+        .filter(|(_, c)| c.subscribers > 0)
+        .map(|(n, _)| n)
+        .collect();
+    Json(names).into_response()
+}
+
+/// The body of a targeted publish offered to peers.
+pub fn client_body(channel: &ChannelName, client: &ClientId, p: &Publish) -> serde_json::Value {
+    let (data, json): (serde_json::Value, bool) = match &p.data {
+        Data::Json(raw) => (
+            serde_json::from_str(raw).unwrap_or(serde_json::Value::Null),
+            true,
+        ),
+        Data::Text(t) => (serde_json::Value::String(t.clone()), false),
+    };
+    serde_json::json!({
+        "channel": channel.as_str(),
+        "client": client.as_str(),
+        "line": {"origin": "", "id": "0", "channel": channel.as_str(),
+            "event": p.event.as_ref().map(EventName::as_str), "data": data, "json": json, "retry": p.retry},
+    })
+}
+
+#[derive(Deserialize)]
+struct ClientPublish {
+    channel: String,
+    client: String,
+    line: Line,
+}
+
+async fn client(State(s): State<Internal>, body: Bytes) -> Response {
+    let Ok(p) = serde_json::from_slice::<ClientPublish>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "invalid JSON");
+    };
+    let (Ok(channel), Ok(client)) = (ChannelName::parse(&p.channel), ClientId::parse(&p.client))
+    else {
+        return error(StatusCode::BAD_REQUEST, "invalid channel or client");
+    };
+    let data = if p.line.json {
+        Data::Json(p.line.data.get().to_owned())
+    } else {
+        match serde_json::from_str::<String>(p.line.data.get()) {
+            Ok(t) => Data::Text(t),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "invalid data"),
+        }
+    };
+    let event = p
+        .line
+        .event
+        .as_deref()
+        .and_then(|e| EventName::parse(e).ok());
+    match s.hub.publish_to_client(
+        &channel,
+        &client,
+        Publish {
+            data,
+            event,
+            key: None,
+            retry: p.line.retry,
+            retain: false,
+        },
+    ) {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct SserSend {
+    stream: String,
+    msg: String,
+}
+
+/// sser's `POST /api/json/v1/send`: `{"stream": S, "msg": M}` → 200.
+async fn sser_send(State(s): State<Internal>, body: Bytes) -> Response {
+    let Ok(m) = serde_json::from_slice::<SserSend>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "invalid JSON");
+    };
+    if m.msg.len() > s.max_message_bytes {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "msg is larger than {} bytes (--max-message-bytes)",
+                s.max_message_bytes
+            ),
+        );
+    }
+    if m.msg.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "you cannot send the empty string as a message",
+        );
+    }
+    let Ok(channel) = ChannelName::parse(&m.stream) else {
+        return error(StatusCode::BAD_REQUEST, "invalid stream name");
+    };
+    s.hub.publish(
+        &channel,
+        Publish {
+            data: Data::Text(m.msg),
+            event: None,
+            key: None,
+            retry: None,
+            retain: false,
+        },
+    );
+    StatusCode::OK.into_response()
+}

@@ -1,0 +1,436 @@
+//! The cluster: replicas that share every channel.
+//!
+//! A mesh backplane with a pull design. Every node keeps its own events
+//! (its origin's stream) in its hub's history; every node reads every
+//! peer's stream over one persistent HTTP connection per peer
+//! (`GET /internal/v1/stream?from=POSITION`), applying each origin's events
+//! in order. So:
+//!
+//! - forwarding to all peers is parallel by construction, a slow or dead
+//!   peer only delays its own reader, and the publisher never waits;
+//! - a reader that was away resumes from its position: "everything of
+//!   origin O after N", served from history while still in retention;
+//! - a starting node backfills every kept event (all origins) and the
+//!   retained values from one peer (`/internal/v1/snapshot`) before
+//!   `/readyz` turns 200.
+//!
+//! Subscribers see positions (see [`crate::hub::Position`]) as event ids,
+//! so a `Last-Event-ID` from one node resumes exactly on any other.
+//!
+//! Peers are found by a [`Mode`]: a static list, or a DNS name re-resolved
+//! periodically. Node-to-node traffic uses a separate internal listener,
+//! authenticated with `--cluster-secret`.
+
+mod internal;
+mod peer;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Secret;
+use crate::hub::Hub;
+
+pub use internal::{client_body, router};
+
+/// How peers are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// A single node.
+    #[default]
+    None,
+    /// `--peers host:port,...`.
+    Static,
+    /// `--peers-dns NAME[:PORT]`, re-resolved every `--peers-dns-interval`.
+    Dns,
+    /// The ready endpoints of a Service (not built yet).
+    Kubernetes,
+    /// Gossip membership (not built yet).
+    Gossip,
+}
+
+impl Mode {
+    /// Reads `--cluster`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" => Self::None,
+            "static" => Self::Static,
+            "dns" => Self::Dns,
+            "kubernetes" => Self::Kubernetes,
+            "gossip" => Self::Gossip,
+            other => {
+                return Err(format!(
+                    "{other:?}: expected none, static, dns, kubernetes or gossip"
+                ));
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Static => "static",
+            Self::Dns => "dns",
+            Self::Kubernetes => "kubernetes",
+            Self::Gossip => "gossip",
+        }
+    }
+}
+
+/// The default internal listener when clustering.
+pub const DEFAULT_INTERNAL_LISTEN: &str = "0.0.0.0:7000";
+
+/// Cluster configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How peers are found.
+    pub mode: Mode,
+    /// Static peers (`host:port` of their internal listeners).
+    pub peers: Vec<String>,
+    /// DNS name (`name` or `name:port`; the port defaults to the internal
+    /// listener's).
+    pub peers_dns: Option<String>,
+    /// How often the DNS name is re-resolved.
+    pub peers_dns_interval: Duration,
+    /// The internal listener.
+    pub internal_listen: SocketAddr,
+    /// Shared secret of peer traffic.
+    pub secret: Option<Secret>,
+    /// Timeout of one peer request (connect, snapshot) and of silence on a
+    /// peer stream.
+    pub peer_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            mode: Mode::None,
+            peers: vec![],
+            peers_dns: None,
+            peers_dns_interval: Duration::from_secs(10),
+            internal_listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            secret: None,
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Options {
+    /// True when clustering.
+    pub fn enabled(&self) -> bool {
+        self.mode != Mode::None
+    }
+
+    /// Checks the combination; errors name the flag.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self.mode {
+            Mode::None => return Ok(()),
+            Mode::Static if self.peers.is_empty() => {
+                return Err((
+                    "--peers",
+                    "--cluster static needs --peers host:port,...".into(),
+                ));
+            }
+            Mode::Dns if self.peers_dns.is_none() => {
+                return Err(("--peers-dns", "--cluster dns needs --peers-dns NAME".into()));
+            }
+            Mode::Kubernetes | Mode::Gossip => {
+                return Err((
+                    "--cluster",
+                    format!(
+                        "{} membership is not built yet; use static or dns",
+                        self.mode.name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if self.secret.is_none() && !self.internal_listen.ip().is_loopback() {
+            return Err((
+                "--cluster-secret",
+                format!(
+                    "required when --internal-listen ({}) is not loopback-only: peer traffic must be authenticated",
+                    self.internal_listen
+                ),
+            ));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
+            return Err(("--cluster-secret", "must be at least 16 characters".into()));
+        }
+        if self.peer_timeout.is_zero() {
+            return Err(("--peer-timeout", "must be greater than zero".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A peer as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    /// Its internal address.
+    pub addr: String,
+    /// Its node name, once known.
+    pub node: Option<String>,
+    /// `connecting`, `catching-up`, `live`, `retrying`, or `self`.
+    pub state: &'static str,
+    /// How far behind its stream this node is (from ids, which are
+    /// microsecond clocks), in milliseconds.
+    pub lag_ms: Option<u64>,
+    /// Events applied from it.
+    pub applied: u64,
+    /// The last error, if retrying.
+    pub error: Option<String>,
+}
+
+/// A running cluster node.
+#[derive(Debug)]
+pub struct Node {
+    name: Arc<str>,
+    hub: Arc<Hub>,
+    options: Options,
+    http: reqwest::Client,
+    peers: Mutex<BTreeMap<String, Arc<peer::Link>>>,
+    ready: AtomicBool,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Starts discovery and the peer links on `tasks`.
+    pub fn start(
+        name: &str,
+        hub: &Arc<Hub>,
+        options: &Options,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Arc<Self> {
+        // reqwest is built without a default TLS provider: herald uses ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(options.peer_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .unwrap_or_default();
+        let node = Arc::new(Self {
+            name: Arc::from(name),
+            hub: hub.clone(),
+            options: options.clone(),
+            http,
+            peers: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(node.clone().run());
+        node
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True once the node has backfilled and caught up with its peers.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The cluster for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let peers: Vec<PeerStatus> = self.peers.lock().values().map(|l| l.status()).collect();
+        serde_json::json!({
+            "mode": self.options.mode.name(),
+            "self": &*self.name,
+            "ready": self.ready(),
+            "position": self.hub.position().to_string(),
+            "peers": peers,
+        })
+    }
+
+    fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.options.secret {
+            Some(s) => req.bearer_auth(s.expose()),
+            None => req,
+        }
+    }
+
+    /// Discovery, then the first backfill, then readiness.
+    async fn run(self: Arc<Self>) {
+        let mut first = true;
+        let mut tick = tokio::time::interval(match self.options.mode {
+            Mode::Dns => self.options.peers_dns_interval,
+            _ => Duration::from_secs(3600),
+        });
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let addrs = self.discover().await;
+            self.reconcile(&addrs);
+            if first {
+                first = false;
+                self.backfill().await;
+                self.ready.store(true, Ordering::Release);
+                tracing::info!(node = %self.name, peers = addrs.len(), "cluster node is ready");
+            }
+        }
+    }
+
+    /// The peer addresses the mode finds now.
+    async fn discover(&self) -> Vec<String> {
+        match self.options.mode {
+            Mode::Static => self.options.peers.clone(),
+            Mode::Dns => {
+                let Some(name) = &self.options.peers_dns else {
+                    return vec![];
+                };
+                let target = if name
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                {
+                    name.clone()
+                } else {
+                    format!("{name}:{}", self.options.internal_listen.port())
+                };
+                match tokio::net::lookup_host(&target).await {
+                    Ok(addrs) => {
+                        let mut v: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                        v.sort();
+                        v.dedup();
+                        v
+                    }
+                    Err(e) => {
+                        tracing::warn!(name = %target, error = %e, "cannot resolve --peers-dns; keeping the current peers");
+                        self.peers.lock().keys().cloned().collect()
+                    }
+                }
+            }
+            _ => vec![],
+        }
+    }
+
+    /// Starts links to new peers and stops links to peers that are gone.
+    fn reconcile(self: &Arc<Self>, addrs: &[String]) {
+        let mut peers = self.peers.lock();
+        peers.retain(|addr, link| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                tracing::info!(peer = %addr, "peer left");
+                link.stop();
+            }
+            keep
+        });
+        for addr in addrs {
+            if !peers.contains_key(addr) {
+                let link = peer::Link::new(addr.clone(), self.shutdown.child_token());
+                peers.insert(addr.clone(), link.clone());
+                self.tasks.spawn(link.run(self.clone()));
+            }
+        }
+    }
+
+    /// Applies one peer's snapshot (history and retained values of every
+    /// origin), then waits until every peer link has caught up or given
+    /// up for now, bounded by the peer timeout.
+    async fn backfill(&self) {
+        let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
+        for link in &links {
+            match self.fetch_snapshot(link.addr()).await {
+                Ok(n) => {
+                    tracing::info!(peer = %link.addr(), events = n, "backfilled from peer");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %link.addr(), error = %e, "no snapshot from peer");
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.options.peer_timeout;
+        while tokio::time::Instant::now() < deadline && !self.shutdown.is_cancelled() {
+            if links.iter().all(|l| l.settled()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn fetch_snapshot(&self, addr: &str) -> Result<usize, String> {
+        let resp = self
+            .authorize(self.http.get(format!("http://{addr}/internal/v1/snapshot")))
+            .timeout(self.options.peer_timeout)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let lines: Vec<internal::Line> = resp.json().await.map_err(|e| e.to_string())?;
+        let n = lines.len();
+        for l in lines {
+            internal::apply(&self.hub, &self.name, l);
+        }
+        Ok(n)
+    }
+
+    /// Channels with subscribers on any node (for `POST /channel`).
+    pub async fn channels_with_subscribers(&self) -> Vec<String> {
+        let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
+        let mut all: Vec<String> = self
+            .hub
+            .status()
+            .channels
+            .into_iter()
+            .filter(|(_, c)| c.subscribers > 0)
+            .map(|(n, _)| n)
+            .collect();
+        let asks = links.iter().filter(|l| !l.is_self()).map(|l| {
+            let req = self
+                .authorize(
+                    self.http
+                        .get(format!("http://{}/internal/v1/channels", l.addr())),
+                )
+                .timeout(self.options.peer_timeout);
+            async move {
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        r.json::<Vec<String>>().await.unwrap_or_default()
+                    }
+                    _ => vec![],
+                }
+            }
+        });
+        for v in futures_util::future::join_all(asks).await {
+            all.extend(v);
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Offers a targeted publish to every peer; true if one delivered it.
+    pub async fn publish_to_client(&self, body: serde_json::Value) -> bool {
+        let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
+        let asks = links.iter().filter(|l| !l.is_self()).map(|l| {
+            let req = self
+                .authorize(
+                    self.http
+                        .post(format!("http://{}/internal/v1/client", l.addr())),
+                )
+                .timeout(self.options.peer_timeout)
+                .json(&body);
+            async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
+        });
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .any(|d| d)
+    }
+}

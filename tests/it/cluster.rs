@@ -1,0 +1,467 @@
+//! Clusters of real `herald serve` processes on loopback (static peers):
+//! every event everywhere exactly once, resume across nodes, catch-up
+//! after SIGKILL, no delay from a SIGSTOPped node, late joiners, sser's
+//! endpoint, targeted and all-channel publishes across nodes.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::support::{Sse, WAIT, eventually, http};
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: String,
+    public: u16,
+    internal: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public)
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    peers: String,
+}
+
+impl Cluster {
+    /// `n` nodes that list each other (themselves included, as a shared
+    /// static list would).
+    async fn start(n: usize) -> Self {
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| Node {
+                name: format!("n{i}"),
+                public: free_port(),
+                internal: free_port(),
+                child: None,
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.internal))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self { nodes, peers };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.ready(i).await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", n.public),
+                "--internal-listen",
+                &format!("127.0.0.1:{}", n.internal),
+                "--node-name",
+                &n.name,
+                "--cluster",
+                "static",
+                "--peers",
+                &self.peers,
+                "--peer-timeout",
+                "2s",
+                "--heartbeat",
+                "1s",
+            ])
+            .env_remove("HERALD_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        n.child = Some(child);
+    }
+
+    async fn ready(&self, i: usize) {
+        let url = self.nodes[i].url("/readyz");
+        let h = http();
+        eventually(|| {
+            let (h, url) = (h.clone(), url.clone());
+            async move { h.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+
+    async fn publish(&self, i: usize, channel: &str, data: &str) {
+        let r = http()
+            .post(self.nodes[i].url(&format!("/channel/{channel}")))
+            .body(data.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    }
+
+    async fn sse(&self, i: usize, channel: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = http().get(self.nodes[i].url(&format!("/channel/{channel}")));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        Sse::from_response(
+            tokio::time::timeout(WAIT, req.send())
+                .await
+                .unwrap()
+                .unwrap(),
+        )
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let pid = self.nodes[i]
+            .child
+            .as_ref()
+            .unwrap()
+            .id()
+            .unwrap()
+            .to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    async fn kill(&mut self, i: usize) {
+        self.signal(i, "-KILL");
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// Reads `n` events; returns (data, id) pairs.
+async fn read(sub: &mut Sse, n: usize) -> Vec<(String, String)> {
+    let mut out = vec![];
+    while out.len() < n {
+        let ev = sub.next().await;
+        out.push((ev.data, ev.id));
+    }
+    out
+}
+
+/// Asserts that the next event is a marker published now (so nothing else
+/// was pending: no duplicate, nothing extra).
+async fn assert_next_is_marker(
+    c: &Cluster,
+    node: usize,
+    sub: &mut Sse,
+    channel: &str,
+    marker: &str,
+) {
+    c.publish(node, channel, marker).await;
+    let ev = sub.next().await;
+    assert_eq!(ev.data, marker, "unexpected event {ev:?}");
+}
+
+/// Every publisher's events arrive in its order, each exactly once.
+fn check_exactly_once_in_order(got: &[(String, String)], publishers: usize, per: usize) {
+    let mut seen: HashMap<String, Vec<usize>> = HashMap::new();
+    for (data, _) in got {
+        let (p, i) = data.split_once('-').unwrap();
+        seen.entry(p.to_owned())
+            .or_default()
+            .push(i.parse().unwrap());
+    }
+    assert_eq!(seen.len(), publishers, "{got:?}");
+    for (p, seq) in seen {
+        assert_eq!(seq, (0..per).collect::<Vec<_>>(), "publisher {p}");
+    }
+}
+
+async fn every_event_everywhere_once(n: usize, per: usize) {
+    let c = Cluster::start(n).await;
+    let mut subs = vec![];
+    for i in 0..n {
+        subs.push(c.sse(i, "c", None).await);
+    }
+    for k in 0..per {
+        for i in 0..n {
+            c.publish(i, "c", &format!("p{i}-{k}")).await;
+        }
+    }
+    let mut firsts = vec![];
+    for s in &mut subs {
+        let got = read(s, n * per).await;
+        check_exactly_once_in_order(&got, n, per);
+        firsts.push(got);
+    }
+    // Nothing else is pending anywhere: a marker is the next event.
+    c.publish(0, "c", "end").await;
+    for s in &mut subs {
+        assert_eq!(s.next().await.data, "end");
+    }
+    // A subscriber moves: it read half of node 0's stream, then resumes on
+    // the last node with that Last-Event-ID.
+    let half = n * per / 2;
+    let (_, resume_id) = firsts[0][half - 1].clone();
+    for k in per..per + 3 {
+        c.publish(1, "c", &format!("p1-{k}")).await;
+    }
+    let mut moved = c.sse(n - 1, "c", Some(&resume_id)).await;
+    // The rest of the first batch, the markers, and the new ones.
+    let want: Vec<String> = firsts[0][half..]
+        .iter()
+        .map(|(d, _)| d.clone())
+        .chain(std::iter::once("end".to_owned()))
+        .chain((per..per + 3).map(|k| format!("p1-{k}")))
+        .collect();
+    let got: Vec<String> = read(&mut moved, want.len())
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got_sorted, want_sorted, "lost or repeated events on resume");
+    assert_next_is_marker(&c, n - 1, &mut moved, "c", "after-move").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    every_event_everywhere_once(3, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    every_event_everywhere_once(5, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_catches_up_and_a_stopped_node_delays_no_one() {
+    let mut c = Cluster::start(3).await;
+    let mut s0 = c.sse(0, "k", None).await;
+    c.publish(0, "k", "before").await;
+    let (_, before_id) = read(&mut s0, 1).await.remove(0);
+    c.kill(1).await;
+    for k in 0..5 {
+        c.publish(0, "k", &format!("down-{k}")).await;
+    }
+    read(&mut s0, 5).await;
+    c.spawn(1);
+    c.ready(1).await;
+    // The restarted node has what was published while it was down.
+    let mut s1 = c.sse(1, "k", Some(&before_id)).await;
+    let got: Vec<String> = read(&mut s1, 5).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(got, (0..5).map(|k| format!("down-{k}")).collect::<Vec<_>>());
+    // Its own new events reach the others.
+    c.publish(1, "k", "from-restarted").await;
+    assert_eq!(read(&mut s0, 1).await[0].0, "from-restarted");
+    assert_eq!(read(&mut s1, 1).await[0].0, "from-restarted");
+
+    // A stopped node: the others go on without it.
+    let mut s2 = c.sse(2, "k", Some(&before_id)).await;
+    read(&mut s2, 6).await;
+    c.signal(2, "-STOP");
+    for k in 0..3 {
+        c.publish(0, "k", &format!("while-stopped-{k}")).await;
+    }
+    let got: Vec<String> = read(&mut s1, 3).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(
+        got,
+        ["while-stopped-0", "while-stopped-1", "while-stopped-2"]
+    );
+    c.signal(2, "-CONT");
+    let got: Vec<String> = read(&mut s2, 3).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(
+        got,
+        ["while-stopped-0", "while-stopped-1", "while-stopped-2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_node_backfills_history_and_retained_values_before_it_is_ready() {
+    let mut c = Cluster::start(3).await;
+    c.kill(2).await;
+    let r = http()
+        .post(c.nodes[0].url("/channel/app.version?retain=true&event=version"))
+        .body("v7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut s0 = c.sse(0, "late", None).await;
+    c.publish(0, "late", "first").await;
+    let (_, first_id) = read(&mut s0, 1).await.remove(0);
+    for k in 0..4 {
+        c.publish(1, "late", &format!("h-{k}")).await;
+    }
+    c.spawn(2);
+    c.ready(2).await;
+    // The retained value, to a fresh subscriber.
+    let mut fresh = c.sse(2, "app.version", None).await;
+    let ev = fresh.next().await;
+    assert_eq!((ev.event.as_str(), ev.data.as_str()), ("version", "v7"));
+    // History, from an id another node issued.
+    let mut s2 = c.sse(2, "late", Some(&first_id)).await;
+    let got: Vec<String> = read(&mut s2, 4).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(got, ["h-0", "h-1", "h-2", "h-3"]);
+    c.publish(2, "late", "from-late").await;
+    assert_eq!(read(&mut s0, 5).await[4].0, "from-late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sser_targeted_and_all_channel_publishes_cross_nodes() {
+    let c = Cluster::start(3).await;
+    let h = http();
+    // sser's endpoint on the internal listener.
+    let mut s2 = c.sse(2, "counter", None).await;
+    let r = h
+        .post(format!(
+            "http://127.0.0.1:{}/api/json/v1/send",
+            c.nodes[0].internal
+        ))
+        .body(json!({"stream": "counter", "msg": "42"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s2.next().await.data, "42");
+    let r = h
+        .post(format!(
+            "http://127.0.0.1:{}/api/json/v1/send",
+            c.nodes[0].internal
+        ))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The internal listener is not the public one.
+    let r = h
+        .post(c.nodes[0].url("/api/json/v1/send"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A client connected to node 2 only, addressed on node 0.
+    let mut only = Sse::from_response(
+        h.get(c.nodes[2].url("/channel/direct/client/alice"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let r = h
+        .post(c.nodes[0].url("/channel/direct/client/alice"))
+        .body("for alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(only.next().await.data, "for alice");
+    let r = h
+        .post(c.nodes[0].url("/channel/direct/client/bob"))
+        .body("for nobody")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // POST /channel on node 0 reaches a channel with subscribers on node 1 only.
+    let mut s1 = c.sse(1, "elsewhere", None).await;
+    let r = h
+        .post(c.nodes[0].url("/channel"))
+        .body("to every channel")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(s1.next().await.data, "to every channel");
+}
+
+#[tokio::test]
+async fn peer_traffic_needs_the_secret_and_a_public_internal_listener_needs_one() {
+    let port = free_port();
+    let ip = port_less();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            "static",
+            "--peers",
+            "127.0.0.1:1",
+            "--internal-listen",
+            &ip,
+        ])
+        .env_remove("HERALD_LISTEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cluster-secret"), "{err}");
+
+    let internal = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--internal-listen",
+            &format!("127.0.0.1:{internal}"),
+            "--node-name",
+            "solo",
+            "--cluster",
+            "static",
+            "--peers",
+            &format!("127.0.0.1:{internal}"),
+            "--cluster-secret",
+            "correct-horse-battery-staple",
+        ])
+        .env_remove("HERALD_LISTEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let h = http();
+    let url = format!("http://127.0.0.1:{internal}/internal/v1/snapshot");
+    eventually(|| {
+        let (h, url) = (h.clone(), url.clone());
+        async move { h.get(url).send().await.is_ok() }
+    })
+    .await;
+    assert_eq!(h.get(&url).send().await.unwrap().status(), 401);
+    let bad = h.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    let ok = h
+        .get(&url)
+        .bearer_auth("correct-horse-battery-staple")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    child.kill().await.unwrap();
+}
+
+/// A non-loopback address to bind the internal listener on (all interfaces).
+fn port_less() -> String {
+    format!("0.0.0.0:{}", free_port())
+}
