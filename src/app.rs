@@ -108,7 +108,7 @@ impl App {
             None
         };
         // A bad kubeconfig fails the start, not the first watch.
-        let kube = if config.kube.enabled() {
+        let kube = if config.kube.enabled() || config.cluster.mode == cluster::Mode::Kubernetes {
             Some(k8s::client(&config.kube).await?)
         } else {
             None
@@ -161,8 +161,10 @@ impl App {
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
         let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
         tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
-        let sources =
-            kube.map(|client| k8s::Sources::start(&client, &config.kube, &hub, &tasks, &shutdown));
+        let sources = kube
+            .as_ref()
+            .filter(|_| config.kube.enabled())
+            .map(|client| k8s::Sources::start(client, &config.kube, &hub, &tasks, &shutdown));
         let cluster = internal.map(|(listener, addr)| {
             let router = cluster::router(
                 hub.clone(),
@@ -184,7 +186,14 @@ impl App {
                 }
             });
             tracing::info!(%addr, mode = ?config.cluster.mode, "internal listener for peers");
-            cluster::Node::start(&config.node_name, &hub, &config.cluster, &tasks, &shutdown)
+            cluster::Node::start(
+                &config.node_name,
+                &hub,
+                &config.cluster,
+                kube.clone(),
+                &tasks,
+                &shutdown,
+            )
         });
         let state = http::State {
             cluster,

@@ -145,7 +145,7 @@ pub struct ServeArgs {
     /// Compatibility (spa-reloader): resync period in seconds.
     #[arg(long, env = "SPA_RESYNC_SEC", hide = true)]
     pub spa_resync_sec: Option<String>,
-    /// Share channels with peers: none, static, dns (kubernetes and gossip are not built yet).
+    /// Share channels with peers: none, static, dns, kubernetes (gossip is not built yet).
     #[arg(long, env = "HERALD_CLUSTER", value_name = "MODE", default_value = "none", value_parser = cluster::Mode::parse)]
     pub cluster: cluster::Mode,
     /// Static peers: internal listeners as host:port (comma-separated).
@@ -176,6 +176,15 @@ pub struct ServeArgs {
     /// Timeout of a peer request, and of silence on a peer's stream [default: 10s, or $HTTP_CLIENT_TIMEOUT].
     #[arg(long, env = "HERALD_PEER_TIMEOUT", value_parser = config::parse_duration)]
     pub peer_timeout: Option<Duration>,
+    /// Kubernetes mode: the Service whose EndpointSlices list the peers.
+    #[arg(long, env = "HERALD_KUBE_SERVICE", value_name = "NAME")]
+    pub kube_service: Option<String>,
+    /// Kubernetes mode: a label selector of the peer pods.
+    #[arg(long, env = "HERALD_KUBE_SELECTOR", value_name = "SELECTOR")]
+    pub kube_selector: Option<String>,
+    /// Kubernetes mode: the namespace [default: the pod's own, else the kubeconfig's].
+    #[arg(long, env = "HERALD_KUBE_NAMESPACE", value_name = "NAMESPACE")]
+    pub kube_namespace: Option<String>,
     /// Compatibility (sse-cluster): the node-to-node timeout.
     #[arg(long, env = "HTTP_CLIENT_TIMEOUT", hide = true, value_parser = config::parse_duration)]
     pub http_client_timeout: Option<Duration>,
@@ -237,6 +246,9 @@ impl ServeArgs {
                 .peer_timeout
                 .or(self.http_client_timeout)
                 .unwrap_or(Duration::from_secs(10)),
+            kube_service: self.kube_service.clone(),
+            kube_selector: self.kube_selector.clone(),
+            kube_namespace: self.kube_namespace.clone(),
         };
         let config = Config {
             cluster,

@@ -22,6 +22,7 @@
 //! authenticated with `--cluster-secret`.
 
 mod internal;
+mod kube;
 mod peer;
 
 use std::collections::BTreeMap;
@@ -49,7 +50,7 @@ pub enum Mode {
     Static,
     /// `--peers-dns NAME[:PORT]`, re-resolved every `--peers-dns-interval`.
     Dns,
-    /// The ready endpoints of a Service (not built yet).
+    /// The Ready endpoints of a Service, or the Ready pods of a selector.
     Kubernetes,
     /// Gossip membership (not built yet).
     Gossip,
@@ -105,6 +106,12 @@ pub struct Options {
     /// Timeout of one peer request (connect, snapshot) and of silence on a
     /// peer stream.
     pub peer_timeout: Duration,
+    /// Kubernetes mode: the Service whose EndpointSlices list the peers.
+    pub kube_service: Option<String>,
+    /// Kubernetes mode: a label selector of the peer pods.
+    pub kube_selector: Option<String>,
+    /// Kubernetes mode: the namespace (default: the pod's own).
+    pub kube_namespace: Option<String>,
 }
 
 impl Default for Options {
@@ -117,6 +124,9 @@ impl Default for Options {
             internal_listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
             secret: None,
             peer_timeout: Duration::from_secs(10),
+            kube_service: None,
+            kube_selector: None,
+            kube_namespace: None,
         }
     }
 }
@@ -140,13 +150,16 @@ impl Options {
             Mode::Dns if self.peers_dns.is_none() => {
                 return Err(("--peers-dns", "--cluster dns needs --peers-dns NAME".into()));
             }
-            Mode::Kubernetes | Mode::Gossip => {
+            Mode::Kubernetes if self.kube_service.is_some() == self.kube_selector.is_some() => {
+                return Err((
+                    "--kube-service",
+                    "--cluster kubernetes needs exactly one of --kube-service NAME and --kube-selector SELECTOR".into(),
+                ));
+            }
+            Mode::Gossip => {
                 return Err((
                     "--cluster",
-                    format!(
-                        "{} membership is not built yet; use static or dns",
-                        self.mode.name()
-                    ),
+                    "gossip membership is not built yet; use static, dns or kubernetes".into(),
                 ));
             }
             _ => {}
@@ -202,11 +215,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts discovery and the peer links on `tasks`.
+    /// Starts discovery and the peer links on `tasks`. Kubernetes mode
+    /// needs `client`.
     pub fn start(
         name: &str,
         hub: &Arc<Hub>,
         options: &Options,
+        client: Option<::kube::Client>,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Arc<Self> {
@@ -228,7 +243,28 @@ impl Node {
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         });
-        tasks.spawn(node.clone().run());
+        let (found_tx, found) = tokio::sync::watch::channel(None);
+        if let (Mode::Kubernetes, Some(client)) = (options.mode, client) {
+            let namespace = options
+                .kube_namespace
+                .clone()
+                .or_else(kube::own_namespace)
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let source = match (&options.kube_service, &options.kube_selector) {
+                (Some(svc), _) => kube::Source::Service(svc.clone()),
+                (None, Some(sel)) => kube::Source::Selector(sel.clone()),
+                (None, None) => kube::Source::Selector(String::new()),
+            };
+            tasks.spawn(kube::run(
+                client,
+                namespace,
+                source,
+                options.internal_listen.port(),
+                found_tx,
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(node.clone().run(found));
         node
     }
 
@@ -262,18 +298,30 @@ impl Node {
     }
 
     /// Discovery, then the first backfill, then readiness.
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, mut found: tokio::sync::watch::Receiver<Option<Vec<String>>>) {
         let mut first = true;
         let mut tick = tokio::time::interval(match self.options.mode {
             Mode::Dns => self.options.peers_dns_interval,
             _ => Duration::from_secs(3600),
         });
+        let watched = self.options.mode == Mode::Kubernetes;
         loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let addrs = self.discover().await;
+            let addrs = if watched {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    r = found.changed() => if r.is_err() { return },
+                }
+                match found.borrow_and_update().clone() {
+                    Some(list) => list,
+                    None => continue,
+                }
+            } else {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                self.discover().await
+            };
             self.reconcile(&addrs);
             if first {
                 first = false;

@@ -817,6 +817,23 @@ impl Hub {
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let ttl = self.config.history_ttl;
+        if let Some(me) = &self.config.origin {
+            // Origins silent for longer than history lasts have nothing
+            // left to resume: drop them from positions (ids stay short as
+            // pods come and go).
+            let mut cs = self.cluster.lock();
+            let stale: Vec<Origin> = cs
+                .last_seen
+                .iter()
+                .filter(|(o, t)| *o != me && now.saturating_duration_since(**t) > 2 * ttl)
+                .map(|(o, _)| o.clone())
+                .collect();
+            for o in stale {
+                cs.last_seen.remove(&o);
+                cs.position.remove(&o);
+                self.freed.lock().remove(&o);
+            }
+        }
         let idle: Vec<Arc<Channel>> = self
             .channels
             .iter()

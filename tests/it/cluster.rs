@@ -465,3 +465,143 @@ async fn peer_traffic_needs_the_secret_and_a_public_internal_listener_needs_one(
 fn port_less() -> String {
     format!("0.0.0.0:{}", free_port())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
+    use crate::fake_kube::{FakeKube, Kind};
+    let fake = FakeKube::start().await;
+    let dir = std::env::temp_dir().join(format!("herald-cluster-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.kubeconfig(&dir);
+    // Three nodes on 127.0.0.1-3, one internal port, as pods would be.
+    let port = free_port();
+    let ip = |i: usize| format!("127.0.0.{}", i + 1);
+    let endpoints = |ready: [bool; 3], terminating: [bool; 3]| -> serde_json::Value {
+        json!((0..3)
+            .map(|i| json!({"addresses": [ip(i)], "conditions": {"ready": ready[i], "terminating": terminating[i]}}))
+            .collect::<Vec<_>>())
+    };
+    fake.create(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "herald-abcde", "namespace": "apps",
+            "labels": {"kubernetes.io/service-name": "herald"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "internal", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints([true, true, false], [false; 3]),
+    }));
+    let publics: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = vec![];
+    for i in 0..3 {
+        children.push(
+            Command::new(BIN)
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{}", publics[i]),
+                    "--internal-listen",
+                    &format!("{}:{port}", ip(i)),
+                    "--node-name",
+                    &format!("k{i}"),
+                    "--cluster",
+                    "kubernetes",
+                    "--kube-service",
+                    "herald",
+                    "--kube-namespace",
+                    "apps",
+                    "--peer-timeout",
+                    "2s",
+                ])
+                .env("KUBECONFIG", &kubeconfig)
+                .env_remove("HERALD_LISTEN")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let h = http();
+    let status = |i: usize| {
+        let h = h.clone();
+        let url = format!("http://127.0.0.1:{}/status", publics[i]);
+        async move {
+            h.get(url)
+                .send()
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    // Node 0 follows node 1 (and itself), not the unready node 2.
+    let peers_of = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["cluster"]["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        (
+                            p["addr"].as_str().unwrap().to_owned(),
+                            p["state"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let addr = |i: usize| format!("{}:{port}", ip(i));
+    eventually(|| async {
+        status(0).await.is_some_and(|v| {
+            let p = peers_of(&v);
+            v["ready"] == true
+                && p.contains(&(addr(0), "self".into()))
+                && p.contains(&(addr(1), "live".into()))
+                && !p.iter().any(|(a, _)| *a == addr(2))
+        })
+    })
+    .await;
+    // Node 2 becomes ready: it joins; node 1 terminates: it leaves at once.
+    fake.patch(
+        Kind::EndpointSlice,
+        "apps",
+        "herald-abcde",
+        json!({"endpoints": endpoints([true, true, true], [false, true, false])}),
+    );
+    eventually(|| async {
+        status(0).await.is_some_and(|v| {
+            let p = peers_of(&v);
+            p.contains(&(addr(2), "live".into())) && !p.iter().any(|(a, _)| *a == addr(1))
+        })
+    })
+    .await;
+    let mut sub0 = Sse::from_response(
+        h.get(format!("http://127.0.0.1:{}/channel/k", publics[0]))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let r = h
+        .post(format!("http://127.0.0.1:{}/channel/k", publics[2]))
+        .body("from k2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(sub0.next().await.data, "from k2");
+    // The watch expires (410) and resumes: a later change is still seen.
+    fake.expire_history();
+    fake.patch(
+        Kind::EndpointSlice,
+        "apps",
+        "herald-abcde",
+        json!({"endpoints": endpoints([true, true, true], [false; 3])}),
+    );
+    eventually(|| async {
+        status(0)
+            .await
+            .is_some_and(|v| peers_of(&v).contains(&(addr(1), "live".into())))
+    })
+    .await;
+    drop(children);
+}
