@@ -491,13 +491,13 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
     }));
     let publics: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut children = vec![];
-    for i in 0..3 {
+    for (i, public) in publics.iter().enumerate() {
         children.push(
             Command::new(BIN)
                 .args([
                     "serve",
                     "--listen",
-                    &format!("127.0.0.1:{}", publics[i]),
+                    &format!("127.0.0.1:{public}"),
                     "--internal-listen",
                     &format!("{}:{port}", ip(i)),
                     "--node-name",
