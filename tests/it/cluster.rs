@@ -605,3 +605,100 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
     .await;
     drop(children);
 }
+
+/// Can this machine give a process its own /etc/hosts (a mount namespace)?
+fn can_unshare() -> bool {
+    std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
+    if !can_unshare() {
+        eprintln!(
+            "SKIPPED dns_mode_follows_the_addresses_a_name_resolves_to: no mount namespaces here (unshare --mount failed), so no private /etc/hosts"
+        );
+        return;
+    }
+    // The name resolves through a hosts file of our own, bind-mounted over
+    // /etc/hosts in each node's private mount namespace; it first lists
+    // nodes 0 and 1 only.
+    let dir = std::env::temp_dir().join(format!("herald-cluster-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 herald-peers\n127.0.0.2 herald-peers\n").unwrap();
+    let port = free_port();
+    let publics: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = vec![];
+    for (i, public) in publics.iter().enumerate() {
+        let cmd = format!(
+            "mount --bind {hosts} /etc/hosts && exec {BIN} serve --listen 127.0.0.1:{public} \
+             --internal-listen 127.0.0.{n}:{port} --node-name d{i} --cluster dns \
+             --peers-dns herald-peers --peers-dns-interval 200ms --peer-timeout 2s",
+            hosts = hosts.display(),
+            n = i + 1,
+        );
+        children.push(
+            Command::new("unshare")
+                .args(["--mount", "sh", "-c", &cmd])
+                .env_remove("HERALD_LISTEN")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let h = http();
+    let peers = |i: usize| {
+        let h = h.clone();
+        let url = format!("http://127.0.0.1:{}/status", publics[i]);
+        async move {
+            let v: serde_json::Value = h.get(url).send().await.ok()?.json().await.ok()?;
+            Some(
+                v["cluster"]["peers"]
+                    .as_array()?
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p["addr"].as_str().unwrap_or("?"),
+                            p["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let a = |i: usize, state: &str| format!("127.0.0.{}:{port} {state}", i + 1);
+    eventually(|| async {
+        peers(0)
+            .await
+            .is_some_and(|p| p.contains(&a(0, "self")) && p.contains(&a(1, "live")) && p.len() == 2)
+    })
+    .await;
+    // The name now resolves to node 2 too: it is followed within an interval.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&hosts)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"127.0.0.3 herald-peers\n"))
+        .unwrap();
+    eventually(|| async { peers(0).await.is_some_and(|p| p.contains(&a(2, "live"))) }).await;
+    let mut sub = Sse::from_response(
+        h.get(format!("http://127.0.0.1:{}/channel/d", publics[1]))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let r = h
+        .post(format!("http://127.0.0.1:{}/channel/d", publics[2]))
+        .body("from d2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(sub.next().await.data, "from d2");
+    drop(children);
+}
