@@ -702,3 +702,189 @@ async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
     assert_eq!(sub.next().await.data, "from d2");
     drop(children);
 }
+
+/// Runs a shell command; true on success.
+fn sh(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Two network namespaces, each reachable from here over its own veth
+/// pair, and linked to each other by a third that the test cuts.
+struct Netns {
+    a: String,
+    b: String,
+}
+
+impl Netns {
+    fn setup(tag: u32) -> Option<Self> {
+        let (a, b) = (format!("hra{tag}"), format!("hrb{tag}"));
+        let n = Self { a, b };
+        n.teardown();
+        let (a, b) = (&n.a, &n.b);
+        let ok = [
+            format!("ip netns add {a}"),
+            format!("ip netns add {b}"),
+            format!("ip link add {a}r type veth peer name {a}n netns {a}"),
+            format!("ip link add {b}r type veth peer name {b}n netns {b}"),
+            format!("ip link add {a}x netns {a} type veth peer name {b}x netns {b}"),
+            format!("ip addr add 10.201.1.1/24 dev {a}r && ip link set {a}r up"),
+            format!("ip addr add 10.201.2.1/24 dev {b}r && ip link set {b}r up"),
+            format!("ip -n {a} addr add 10.201.1.2/24 dev {a}n && ip -n {a} link set {a}n up && ip -n {a} link set lo up"),
+            format!("ip -n {b} addr add 10.201.2.2/24 dev {b}n && ip -n {b} link set {b}n up && ip -n {b} link set lo up"),
+            format!("ip -n {a} addr add 10.201.3.1/24 dev {a}x && ip -n {a} link set {a}x up"),
+            format!("ip -n {b} addr add 10.201.3.2/24 dev {b}x && ip -n {b} link set {b}x up"),
+        ]
+        .iter()
+        .all(|c| sh(c));
+        ok.then_some(n)
+    }
+
+    fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        assert!(sh(&format!(
+            "ip -n {a} link set {a}x {state} && ip -n {b} link set {b}x {state}",
+            a = self.a,
+            b = self.b
+        )));
+    }
+
+    fn teardown(&self) {
+        sh(&format!("ip netns del {}", self.a));
+        sh(&format!("ip netns del {}", self.b));
+        sh(&format!("ip link del {}r", self.a));
+        sh(&format!("ip link del {}r", self.b));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_heals_and_every_subscriber_has_every_event() {
+    let Some(net) = Netns::setup(std::process::id() % 100_000) else {
+        eprintln!(
+            "SKIPPED a_partition_heals_and_every_subscriber_has_every_event: network namespaces are not permitted here (ip netns add failed)"
+        );
+        return;
+    };
+    let secret = "partition-test-secret-0123";
+    let node = |ns: &str, name: &str, public: &str, internal: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                BIN,
+                "serve",
+                "--listen",
+                public,
+                "--internal-listen",
+                internal,
+                "--node-name",
+                name,
+                "--cluster",
+                "static",
+                "--peers",
+                "10.201.3.1:7000,10.201.3.2:7000",
+                "--cluster-secret",
+                secret,
+                "--allow-anonymous-publish",
+                "--peer-timeout",
+                "1s",
+                "--heartbeat",
+                "1s",
+            ])
+            .env_remove("HERALD_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let _a = node(&net.a, "pa", "10.201.1.2:8080", "10.201.3.1:7000");
+    let _b = node(&net.b, "pb", "10.201.2.2:8080", "10.201.3.2:7000");
+    let (ua, ub) = ("http://10.201.1.2:8080", "http://10.201.2.2:8080");
+    let h = http();
+    for u in [ua, ub] {
+        let url = format!("{u}/readyz");
+        eventually(|| {
+            let (h, url) = (h.clone(), url.clone());
+            async move { h.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+    let sub = |u: &'static str| {
+        let h = h.clone();
+        async move { Sse::from_response(h.get(format!("{u}/channel/p")).send().await.unwrap()) }
+    };
+    let publish = |u: &'static str, d: String| {
+        let h = h.clone();
+        async move {
+            let r = h
+                .post(format!("{u}/channel/p"))
+                .body(d)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+    };
+    let (mut sa, mut sb) = (sub(ua).await, sub(ub).await);
+    publish(ua, "before".into()).await;
+    assert_eq!(sa.next().await.data, "before");
+    assert_eq!(sb.next().await.data, "before");
+
+    net.link(false);
+    // Both notice: the peer stream goes silent past --peer-timeout.
+    for u in [ua, ub] {
+        let url = format!("{u}/status");
+        eventually(|| {
+            let (h, url) = (h.clone(), url.clone());
+            async move {
+                let Ok(r) = h.get(url).send().await else {
+                    return false;
+                };
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                v["cluster"]["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["state"] != "self" && p["state"] != "live")
+                })
+            }
+        })
+        .await;
+    }
+    for k in 0..3 {
+        publish(ua, format!("a-{k}")).await;
+        publish(ub, format!("b-{k}")).await;
+    }
+    // Each side goes on with its own events.
+    let mut got_a: Vec<String> = vec![];
+    let mut got_b: Vec<String> = vec![];
+    for _ in 0..3 {
+        got_a.push(sa.next().await.data);
+        got_b.push(sb.next().await.data);
+    }
+    assert_eq!(got_a, ["a-0", "a-1", "a-2"]);
+    assert_eq!(got_b, ["b-0", "b-1", "b-2"]);
+
+    net.link(true);
+    // After the heal, each has the other side's events, in their order.
+    for _ in 0..3 {
+        got_a.push(sa.next().await.data);
+        got_b.push(sb.next().await.data);
+    }
+    assert_eq!(&got_a[3..], ["b-0", "b-1", "b-2"]);
+    assert_eq!(&got_b[3..], ["a-0", "a-1", "a-2"]);
+    // And nothing twice: a marker is next everywhere.
+    publish(ua, "after".into()).await;
+    assert_eq!(sa.next().await.data, "after");
+    assert_eq!(sb.next().await.data, "after");
+}
