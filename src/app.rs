@@ -49,6 +49,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The gossip socket could not be bound.
+    #[error("cannot listen on {addr} (--gossip-listen)")]
+    BindGossip {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The Kubernetes client could not be set up.
     #[error(transparent)]
     Kube(#[from] crate::k8s::Error),
@@ -63,6 +72,7 @@ pub struct App {
     kube: Option<kube::Client>,
     compat: Option<(TcpListener, SocketAddr)>,
     internal: Option<(TcpListener, SocketAddr)>,
+    gossip: Option<std::net::UdpSocket>,
 }
 
 impl std::fmt::Debug for App {
@@ -71,6 +81,10 @@ impl std::fmt::Debug for App {
             .field("addr", &self.addr)
             .field("compat", &self.compat_addr())
             .field("kube", &self.kube.is_some())
+            .field(
+                "gossip",
+                &self.gossip.as_ref().and_then(|g| g.local_addr().ok()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +121,15 @@ impl App {
         } else {
             None
         };
+        let gossip = if config.cluster.mode == cluster::Mode::Gossip {
+            let addr = config.cluster.gossip_listen;
+            let bind_err = |source| Error::BindGossip { addr, source };
+            let s = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+            s.set_nonblocking(true).map_err(bind_err)?;
+            Some(s)
+        } else {
+            None
+        };
         // A bad kubeconfig fails the start, not the first watch.
         let kube = if config.kube.enabled() || config.cluster.mode == cluster::Mode::Kubernetes {
             Some(k8s::client(&config.kube).await?)
@@ -122,6 +145,7 @@ impl App {
             kube,
             compat,
             internal,
+            gossip,
         })
     }
 
@@ -156,6 +180,7 @@ impl App {
             kube,
             compat,
             internal,
+            gossip,
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
@@ -191,6 +216,7 @@ impl App {
                 &hub,
                 &config.cluster,
                 kube.clone(),
+                gossip,
                 &tasks,
                 &shutdown,
             )

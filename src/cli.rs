@@ -145,7 +145,7 @@ pub struct ServeArgs {
     /// Compatibility (spa-reloader): resync period in seconds.
     #[arg(long, env = "SPA_RESYNC_SEC", hide = true)]
     pub spa_resync_sec: Option<String>,
-    /// Share channels with peers: none, static, dns, kubernetes (gossip is not built yet).
+    /// Share channels with peers: none, static, dns, kubernetes, gossip.
     #[arg(long, env = "HERALD_CLUSTER", value_name = "MODE", default_value = "none", value_parser = cluster::Mode::parse)]
     pub cluster: cluster::Mode,
     /// Static peers: internal listeners as host:port (comma-separated).
@@ -185,6 +185,37 @@ pub struct ServeArgs {
     /// Kubernetes mode: the namespace [default: the pod's own, else the kubeconfig's].
     #[arg(long, env = "HERALD_KUBE_NAMESPACE", value_name = "NAMESPACE")]
     pub kube_namespace: Option<String>,
+    /// Gossip mode: the UDP listener for membership [default: 0.0.0.0:7946, or 0.0.0.0:$GOSSIP_PORT].
+    #[arg(long, env = "HERALD_GOSSIP_LISTEN", value_name = "ADDR")]
+    pub gossip_listen: Option<SocketAddr>,
+    /// Gossip mode: seeds to join through, host[:port] (comma-separated).
+    #[arg(
+        long,
+        env = "HERALD_GOSSIP_SEEDS",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub gossip_seeds: Vec<String>,
+    /// Gossip mode: the secret that authenticates and encrypts gossip (16+ characters).
+    #[arg(
+        long,
+        env = "HERALD_GOSSIP_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub gossip_secret: Option<String>,
+    /// The IP peers reach this node on, when it listens on all interfaces (gossip mode).
+    #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "IP")]
+    pub advertise_addr: Option<std::net::IpAddr>,
+    /// Compatibility (sse-cluster): gossip seed hosts, comma-separated.
+    #[arg(long, env = "GOSSIP_HOSTS", hide = true, value_delimiter = ',')]
+    pub gossip_hosts: Vec<String>,
+    /// Compatibility (sse-cluster): the gossip port.
+    #[arg(long, env = "GOSSIP_PORT", hide = true)]
+    pub gossip_port: Option<u16>,
+    /// Compatibility (sse-cluster): the gossip secret.
+    #[arg(long, env = "GOSSIP_SECRET_KEY", hide = true, hide_env_values = true)]
+    pub gossip_secret_key: Option<String>,
     /// Compatibility (sse-cluster): the node-to-node timeout.
     #[arg(long, env = "HTTP_CLIENT_TIMEOUT", hide = true, value_parser = config::parse_duration)]
     pub http_client_timeout: Option<Duration>,
@@ -249,6 +280,26 @@ impl ServeArgs {
             kube_service: self.kube_service.clone(),
             kube_selector: self.kube_selector.clone(),
             kube_namespace: self.kube_namespace.clone(),
+            gossip_listen: self.gossip_listen.unwrap_or_else(|| {
+                SocketAddr::from(([0, 0, 0, 0], self.gossip_port.unwrap_or(7946)))
+            }),
+            gossip_seeds: if self.gossip_seeds.is_empty() {
+                // sse-cluster skipped seeds naming this host.
+                let host = config::default_node_name();
+                self.gossip_hosts
+                    .iter()
+                    .filter(|h| !h.is_empty() && !h.contains(host.as_str()))
+                    .cloned()
+                    .collect()
+            } else {
+                self.gossip_seeds.clone()
+            },
+            gossip_secret: self
+                .gossip_secret
+                .clone()
+                .or_else(|| self.gossip_secret_key.clone())
+                .map(Secret::new),
+            advertise: self.advertise_addr,
         };
         let config = Config {
             cluster,

@@ -21,6 +21,7 @@
 //! periodically. Node-to-node traffic uses a separate internal listener,
 //! authenticated with `--cluster-secret`.
 
+mod gossip;
 mod internal;
 mod kube;
 mod peer;
@@ -52,7 +53,7 @@ pub enum Mode {
     Dns,
     /// The Ready endpoints of a Service, or the Ready pods of a selector.
     Kubernetes,
-    /// Gossip membership (not built yet).
+    /// Gossip membership (SWIM over UDP).
     Gossip,
 }
 
@@ -112,6 +113,14 @@ pub struct Options {
     pub kube_selector: Option<String>,
     /// Kubernetes mode: the namespace (default: the pod's own).
     pub kube_namespace: Option<String>,
+    /// Gossip mode: the UDP listener.
+    pub gossip_listen: SocketAddr,
+    /// Gossip mode: seeds (`host:port`, or `host` with the gossip port).
+    pub gossip_seeds: Vec<String>,
+    /// Gossip mode: the secret that authenticates and encrypts gossip.
+    pub gossip_secret: Option<Secret>,
+    /// The IP peers reach this node on, when it listens on all interfaces.
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 impl Default for Options {
@@ -127,6 +136,10 @@ impl Default for Options {
             kube_service: None,
             kube_selector: None,
             kube_namespace: None,
+            gossip_listen: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            gossip_seeds: vec![],
+            gossip_secret: None,
+            advertise: None,
         }
     }
 }
@@ -157,10 +170,38 @@ impl Options {
                 ));
             }
             Mode::Gossip => {
-                return Err((
-                    "--cluster",
-                    "gossip membership is not built yet; use static, dns or kubernetes".into(),
-                ));
+                if self
+                    .gossip_secret
+                    .as_ref()
+                    .is_some_and(|s| s.expose().len() < 16)
+                {
+                    return Err((
+                        "--gossip-secret",
+                        "is not a usable key: it must be at least 16 characters".into(),
+                    ));
+                }
+                if self.gossip_secret.is_none() && !self.gossip_listen.ip().is_loopback() {
+                    return Err((
+                        "--gossip-secret",
+                        format!(
+                            "required when --gossip-listen ({}) is not loopback-only: gossip must be authenticated",
+                            self.gossip_listen
+                        ),
+                    ));
+                }
+                for (flag, addr) in [
+                    ("--gossip-listen", self.gossip_listen),
+                    ("--internal-listen", self.internal_listen),
+                ] {
+                    if addr.ip().is_unspecified() && self.advertise.is_none() {
+                        return Err((
+                            "--advertise-addr",
+                            format!(
+                                "{flag} listens on all interfaces ({addr}); say which IP peers reach this node on"
+                            ),
+                        ));
+                    }
+                }
             }
             _ => {}
         }
@@ -222,6 +263,7 @@ impl Node {
         hub: &Arc<Hub>,
         options: &Options,
         client: Option<::kube::Client>,
+        gossip_socket: Option<std::net::UdpSocket>,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Arc<Self> {
@@ -263,6 +305,45 @@ impl Node {
                 found_tx,
                 shutdown.clone(),
             ));
+        } else if let (Mode::Gossip, Some(socket)) = (options.mode, gossip_socket) {
+            let advertise = |a: SocketAddr| match options.advertise {
+                Some(ip) if a.ip().is_unspecified() => SocketAddr::new(ip, a.port()),
+                _ => a,
+            };
+            let gossip_addr = advertise(socket.local_addr().unwrap_or(options.gossip_listen));
+            let internal = advertise(options.internal_listen);
+            let seeds = options.gossip_seeds.clone();
+            let default_port = options.gossip_listen.port();
+            let secret = options.gossip_secret.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let Ok(socket) = tokio::net::UdpSocket::from_std(socket) else {
+                    tracing::error!("cannot use the gossip socket");
+                    return;
+                };
+                let mut resolved = vec![];
+                for seed in seeds {
+                    let target = if seed.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+                        seed.clone()
+                    } else {
+                        format!("{seed}:{default_port}")
+                    };
+                    match tokio::net::lookup_host(&target).await {
+                        Ok(a) => resolved.extend(a),
+                        Err(e) => tracing::warn!(seed = %target, error = %e, "cannot resolve a gossip seed"),
+                    }
+                }
+                gossip::run(
+                    socket,
+                    gossip_addr,
+                    internal,
+                    resolved,
+                    gossip::Seal::new(secret.as_ref().map(Secret::expose)),
+                    found_tx,
+                    stop,
+                )
+                .await;
+            });
         }
         tasks.spawn(node.clone().run(found));
         node
@@ -304,7 +385,7 @@ impl Node {
             Mode::Dns => self.options.peers_dns_interval,
             _ => Duration::from_secs(3600),
         });
-        let watched = self.options.mode == Mode::Kubernetes;
+        let watched = matches!(self.options.mode, Mode::Kubernetes | Mode::Gossip);
         loop {
             let addrs = if watched {
                 tokio::select! {
