@@ -806,6 +806,119 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags_are_read_and_checked() {
+        let c = serve(&[
+            "--cluster",
+            "static",
+            "--peers",
+            "10.0.0.1:7000,10.0.0.2:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--node-name",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.mode, cluster::Mode::Static);
+        assert_eq!(c.cluster.peers, ["10.0.0.1:7000", "10.0.0.2:7000"]);
+        assert_eq!(
+            c.cluster.internal_listen.to_string(),
+            cluster::DEFAULT_INTERNAL_LISTEN
+        );
+        assert_eq!(c.hub().origin.as_deref(), Some("a"));
+        // sse-cluster's variables, through their hidden flags.
+        let c = serve(&[
+            "--cluster",
+            "gossip",
+            "--gossip-port",
+            "42000",
+            "--gossip-hosts",
+            "seed-0,seed-1",
+            "--gossip-secret-key",
+            "0123456789abcdef",
+            "--http-client-timeout",
+            "3s",
+            "--internal-listen",
+            "127.0.0.1:7000",
+            "--advertise-addr",
+            "10.1.2.3",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.gossip_listen.to_string(), "0.0.0.0:42000");
+        assert_eq!(c.cluster.gossip_seeds, ["seed-0", "seed-1"]);
+        assert_eq!(c.cluster.peer_timeout, Duration::from_secs(3));
+        assert!(c.cluster.gossip_secret.is_some());
+        for (args, says) in [
+            (&["--cluster", "mesh"][..], "--cluster"),
+            (&["--cluster", "static"][..], "--peers"),
+            (&["--cluster", "dns"][..], "--peers-dns"),
+            (
+                &["--cluster", "static", "--peers", "a:1"][..],
+                "--cluster-secret",
+            ),
+            (
+                &[
+                    "--cluster",
+                    "static",
+                    "--peers",
+                    "a:1",
+                    "--cluster-secret",
+                    "short",
+                ][..],
+                "--cluster-secret",
+            ),
+            (
+                &[
+                    "--cluster",
+                    "kubernetes",
+                    "--internal-listen",
+                    "127.0.0.1:7000",
+                ][..],
+                "--kube-service",
+            ),
+            (
+                &[
+                    "--cluster",
+                    "gossip",
+                    "--internal-listen",
+                    "127.0.0.1:7000",
+                    "--gossip-listen",
+                    "127.0.0.1:7946",
+                    "--gossip-secret",
+                    "short",
+                ][..],
+                "--gossip-secret",
+            ),
+            (
+                &[
+                    "--cluster",
+                    "gossip",
+                    "--internal-listen",
+                    "127.0.0.1:7000",
+                    "--gossip-secret",
+                    "0123456789abcdef",
+                ][..],
+                "--advertise-addr",
+            ),
+            (
+                &[
+                    "--cluster",
+                    "static",
+                    "--peers",
+                    "a:1",
+                    "--internal-listen",
+                    "127.0.0.1:7000",
+                    "--node-name",
+                    "a b",
+                ][..],
+                "--node-name",
+            ),
+        ] {
+            let e = serve(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn backoff_is_bounded() {
         for f in 0..100 {
             assert!(backoff(Duration::from_secs(2), f) <= Duration::from_secs(30));
