@@ -268,11 +268,9 @@ async fn snapshot(State(s): State<Internal>) -> Response {
 async fn channels(State(s): State<Internal>) -> Response {
     let names: Vec<String> = s
         .hub
-        .status()
-        .channels
-        .into_iter()
-        .filter(|(_, c)| c.subscribers > 0)
-        .map(|(n, _)| n)
+        .channels_with_subscribers()
+        .iter()
+        .map(|c| c.as_str().to_owned())
         .collect();
     Json(names).into_response()
 }

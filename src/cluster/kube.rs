@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::Api;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -114,28 +114,15 @@ pub(super) async fn run(
     }
 }
 
-async fn follow<K>(
+async fn follow<K: crate::k8s::Watched>(
     api: Api<K>,
     cfg: watcher::Config,
     tx: watch::Sender<Option<Vec<String>>>,
     stop: CancellationToken,
     peers: impl Fn(&Store<K>) -> Vec<String>,
-) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let mut events = std::pin::pin!(
-        watcher(api, cfg)
-            .default_backoff()
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
-            .reflect(writer)
-    );
+) {
+    let (store, events) = crate::k8s::reflected(api, cfg);
+    let mut events = std::pin::pin!(events);
     loop {
         let ev = tokio::select! {
             () = stop.cancelled() => return,

@@ -514,11 +514,9 @@ impl Node {
         let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
         let mut all: Vec<String> = self
             .hub
-            .status()
-            .channels
-            .into_iter()
-            .filter(|(_, c)| c.subscribers > 0)
-            .map(|(n, _)| n)
+            .channels_with_subscribers()
+            .iter()
+            .map(|c| c.as_str().to_owned())
             .collect();
         let asks = links.iter().filter(|l| !l.is_self()).map(|l| {
             let req = self

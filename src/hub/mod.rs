@@ -662,9 +662,8 @@ impl Hub {
         }
     }
 
-    /// Publishes to every channel that has subscribers; one event (and id)
-    /// per channel. Returns the channels and ids, in name order.
-    pub fn publish_all(&self, p: &Publish) -> Vec<(ChannelName, Published)> {
+    /// The channels that have subscribers, in name order.
+    pub fn channels_with_subscribers(&self) -> Vec<ChannelName> {
         let mut names: Vec<ChannelName> = self
             .channels
             .iter()
@@ -673,6 +672,12 @@ impl Hub {
             .collect();
         names.sort();
         names
+    }
+
+    /// Publishes to every channel that has subscribers; one event (and id)
+    /// per channel. Returns the channels and ids, in name order.
+    pub fn publish_all(&self, p: &Publish) -> Vec<(ChannelName, Published)> {
+        self.channels_with_subscribers()
             .into_iter()
             .map(|name| {
                 let published = self.publish(&name, p.clone());

@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -40,22 +40,13 @@ pub(super) struct Group {
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Watches `api` into a store; every change wakes `changed`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> (Store<K>, Driver)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
+fn reflect<K: super::Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+) -> (Store<K>, Driver) {
     let kind = K::kind(&()).into_owned();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
-        .reflect(writer);
+    let (store, stream) = super::reflected(api, config);
     let driver = stream.for_each(move |event| {
         match event {
             Ok(_) => changed.notify_one(),

@@ -324,6 +324,51 @@ impl Sources {
     }
 }
 
+/// What kube-rs can watch into a store here.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A watch of `api` kept in a store, with bookmarks, the default backoff
+/// and managed fields dropped (they are large and never read). The
+/// stream must be polled for the store to follow.
+pub fn reflected<K: Watched>(
+    api: kube::Api<K>,
+    config: kube::runtime::watcher::Config,
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl futures_util::Stream<
+        Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
+    > + Send,
+) {
+    use kube::ResourceExt;
+    use kube::runtime::WatchStreamExt;
+    let (store, writer) = kube::runtime::reflector::store();
+    let stream = kube::runtime::watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer);
+    (store, stream)
+}
+
 /// Counts one watch group as synced, once.
 #[derive(Debug)]
 struct Synced(Arc<AtomicUsize>);

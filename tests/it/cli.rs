@@ -10,13 +10,7 @@ use crate::support::{Proxy, TestHub, WAIT, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::free_port;
 
 /// Starts `herald serve` with these env vars and waits until /healthz answers.
 async fn serve(env: &[(&str, String)], args: &[&str], port: u16) -> Child {

@@ -13,12 +13,50 @@ use crate::support::{Sse, WAIT, eventually, http};
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+use crate::support::free_port;
+
+/// Subscribes over SSE to a node's public port.
+async fn subscribe_on(public: u16, channel: &str) -> Sse {
+    Sse::from_response(
+        http()
+            .get(format!("http://127.0.0.1:{public}/channel/{channel}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+}
+
+/// Publishes text on a node's public port.
+async fn publish_on(public: u16, channel: &str, data: &str) {
+    let r = http()
+        .post(format!("http://127.0.0.1:{public}/channel/{channel}"))
+        .body(data.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+/// A node's peers from /status: (addr, state, node name).
+async fn peers_on(public: u16) -> Option<Vec<(String, String, String)>> {
+    let v: serde_json::Value = http()
+        .get(format!("http://127.0.0.1:{public}/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(
+        v["cluster"]["peers"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+                (s("addr"), s("state"), s("node"))
+            })
+            .collect(),
+    )
 }
 
 struct Node {
@@ -520,42 +558,16 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
                 .unwrap(),
         );
     }
-    let h = http();
-    let status = |i: usize| {
-        let h = h.clone();
-        let url = format!("http://127.0.0.1:{}/status", publics[i]);
-        async move {
-            h.get(url)
-                .send()
-                .await
-                .ok()?
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-        }
-    };
     // Node 0 follows node 1 (and itself), not the unready node 2.
-    let peers_of = |v: &serde_json::Value| -> Vec<(String, String)> {
-        v["cluster"]["peers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|p| {
-                        (
-                            p["addr"].as_str().unwrap().to_owned(),
-                            p["state"].as_str().unwrap().to_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+    let peers_of = |public: u16| async move {
+        peers_on(public)
+            .await
+            .map(|p| p.into_iter().map(|(a, st, _)| (a, st)).collect::<Vec<_>>())
     };
     let addr = |i: usize| format!("{}:{port}", ip(i));
     eventually(|| async {
-        status(0).await.is_some_and(|v| {
-            let p = peers_of(&v);
-            v["ready"] == true
-                && p.contains(&(addr(0), "self".into()))
+        peers_of(publics[0]).await.is_some_and(|p| {
+            p.contains(&(addr(0), "self".into()))
                 && p.contains(&(addr(1), "live".into()))
                 && !p.iter().any(|(a, _)| *a == addr(2))
         })
@@ -569,25 +581,13 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
         json!({"endpoints": endpoints([true, true, true], [false, true, false])}),
     );
     eventually(|| async {
-        status(0).await.is_some_and(|v| {
-            let p = peers_of(&v);
+        peers_of(publics[0]).await.is_some_and(|p| {
             p.contains(&(addr(2), "live".into())) && !p.iter().any(|(a, _)| *a == addr(1))
         })
     })
     .await;
-    let mut sub0 = Sse::from_response(
-        h.get(format!("http://127.0.0.1:{}/channel/k", publics[0]))
-            .send()
-            .await
-            .unwrap(),
-    );
-    let r = h
-        .post(format!("http://127.0.0.1:{}/channel/k", publics[2]))
-        .body("from k2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let mut sub0 = subscribe_on(publics[0], "k").await;
+    publish_on(publics[2], "k", "from k2").await;
     assert_eq!(sub0.next().await.data, "from k2");
     // The watch expires (410) and resumes: a later change is still seen.
     fake.expire_history();
@@ -598,9 +598,9 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
         json!({"endpoints": endpoints([true, true, true], [false; 3])}),
     );
     eventually(|| async {
-        status(0)
+        peers_of(publics[0])
             .await
-            .is_some_and(|v| peers_of(&v).contains(&(addr(1), "live".into())))
+            .is_some_and(|p| p.contains(&(addr(1), "live".into())))
     })
     .await;
     drop(children);
@@ -651,30 +651,16 @@ async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
                 .unwrap(),
         );
     }
-    let h = http();
-    let peers = |i: usize| {
-        let h = h.clone();
-        let url = format!("http://127.0.0.1:{}/status", publics[i]);
-        async move {
-            let v: serde_json::Value = h.get(url).send().await.ok()?.json().await.ok()?;
-            Some(
-                v["cluster"]["peers"]
-                    .as_array()?
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{} {}",
-                            p["addr"].as_str().unwrap_or("?"),
-                            p["state"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        }
+    let peers = |public: u16| async move {
+        peers_on(public).await.map(|p| {
+            p.into_iter()
+                .map(|(a, st, _)| format!("{a} {st}"))
+                .collect::<Vec<_>>()
+        })
     };
     let a = |i: usize, state: &str| format!("127.0.0.{}:{port} {state}", i + 1);
     eventually(|| async {
-        peers(0)
+        peers(publics[0])
             .await
             .is_some_and(|p| p.contains(&a(0, "self")) && p.contains(&a(1, "live")) && p.len() == 2)
     })
@@ -685,20 +671,14 @@ async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
         .open(&hosts)
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"127.0.0.3 herald-peers\n"))
         .unwrap();
-    eventually(|| async { peers(0).await.is_some_and(|p| p.contains(&a(2, "live"))) }).await;
-    let mut sub = Sse::from_response(
-        h.get(format!("http://127.0.0.1:{}/channel/d", publics[1]))
-            .send()
+    eventually(|| async {
+        peers(publics[0])
             .await
-            .unwrap(),
-    );
-    let r = h
-        .post(format!("http://127.0.0.1:{}/channel/d", publics[2]))
-        .body("from d2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+            .is_some_and(|p| p.contains(&a(2, "live")))
+    })
+    .await;
+    let mut sub = subscribe_on(publics[1], "d").await;
+    publish_on(publics[2], "d", "from d2").await;
     assert_eq!(sub.next().await.data, "from d2");
     drop(children);
 }
@@ -930,26 +910,13 @@ async fn gossip_mode_finds_the_members_and_keeps_strangers_out() {
         nodes.push(start(i, ports[i], Some(ports[0]), secret));
     }
     let h = http();
-    let live_peers = |public: u16| {
-        let h = h.clone();
-        async move {
-            let v: serde_json::Value = h
-                .get(format!("http://127.0.0.1:{public}/status"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            Some(
-                v["cluster"]["peers"]
-                    .as_array()?
-                    .iter()
-                    .filter(|p| p["state"] == "live")
-                    .filter_map(|p| p["node"].as_str().map(str::to_owned))
-                    .collect::<Vec<_>>(),
-            )
-        }
+    let live_peers = |public: u16| async move {
+        peers_on(public).await.map(|p| {
+            p.into_iter()
+                .filter(|(_, st, _)| st == "live")
+                .map(|(_, _, node)| node)
+                .collect::<Vec<_>>()
+        })
     };
     for (public, _, _) in &nodes {
         let public = *public;
@@ -964,19 +931,8 @@ async fn gossip_mode_finds_the_members_and_keeps_strangers_out() {
             .is_some_and(|p| p.contains(&"g3".to_owned()))
     })
     .await;
-    let mut sub = Sse::from_response(
-        h.get(format!("http://127.0.0.1:{}/channel/g", nodes[3].0))
-            .send()
-            .await
-            .unwrap(),
-    );
-    let r = h
-        .post(format!("http://127.0.0.1:{p0}/channel/g"))
-        .body("to the late member")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let mut sub = subscribe_on(nodes[3].0, "g").await;
+    publish_on(p0, "g", "to the late member").await;
     assert_eq!(sub.next().await.data, "to the late member");
     // A node with another secret cannot join: its gossip is not accepted.
     let stranger = start(4, ports[4], Some(ports[0]), "some-other-secret-value");

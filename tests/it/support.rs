@@ -348,6 +348,15 @@ where
     }
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// An HTTP client (rustls with ring, as the CLI uses).
 pub fn http() -> reqwest::Client {
     herald::cli::http_client().unwrap()
