@@ -15,6 +15,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
 use crate::support::free_port;
 
+/// Starting a node process for a test: no HERALD_LISTEN from the caller's
+/// environment, no output, killed with the test.
+trait Quiet {
+    fn quiet(&mut self) -> Child;
+}
+
+impl Quiet for Command {
+    fn quiet(&mut self) -> Child {
+        self.env_remove("HERALD_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+}
+
 /// Subscribes over SSE to a node's public port.
 async fn subscribe_on(public: u16, channel: &str) -> Sse {
     Sse::from_response(
@@ -124,12 +141,7 @@ impl Cluster {
                 "--heartbeat",
                 "1s",
             ])
-            .env_remove("HERALD_LISTEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .quiet();
         n.child = Some(child);
     }
 
@@ -473,12 +485,7 @@ async fn peer_traffic_needs_the_secret_and_a_public_internal_listener_needs_one(
             "--cluster-secret",
             "correct-horse-battery-staple",
         ])
-        .env_remove("HERALD_LISTEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .quiet();
     let h = http();
     let url = format!("http://127.0.0.1:{internal}/internal/v1/snapshot");
     eventually(|| {
@@ -550,12 +557,7 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
                     "2s",
                 ])
                 .env("KUBECONFIG", &kubeconfig)
-                .env_remove("HERALD_LISTEN")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap(),
+                .quiet(),
         );
     }
     // Node 0 follows node 1 (and itself), not the unready node 2.
@@ -643,12 +645,7 @@ async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
         children.push(
             Command::new("unshare")
                 .args(["--mount", "sh", "-c", &cmd])
-                .env_remove("HERALD_LISTEN")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap(),
+                .quiet(),
         );
     }
     let peers = |public: u16| async move {
@@ -782,12 +779,7 @@ async fn a_partition_heals_and_every_subscriber_has_every_event() {
                 "--heartbeat",
                 "1s",
             ])
-            .env_remove("HERALD_LISTEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+            .quiet()
     };
     let _a = node(&net.a, "pa", "10.201.1.2:8080", "10.201.3.1:7000");
     let _b = node(&net.b, "pb", "10.201.2.2:8080", "10.201.3.2:7000");
@@ -894,14 +886,7 @@ async fn gossip_mode_finds_the_members_and_keeps_strangers_out() {
         if let Some(s) = seed {
             args.extend(["--gossip-seeds".into(), format!("127.0.0.1:{s}")]);
         }
-        let child = Command::new(BIN)
-            .args(&args)
-            .env_remove("HERALD_LISTEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let child = Command::new(BIN).args(&args).quiet();
         (public, internal, child)
     };
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
