@@ -93,12 +93,10 @@ impl App {
     /// Validates the config and binds the listener (port 0 allowed).
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = listen(config.listen).map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -107,7 +105,7 @@ impl App {
             None => None,
             Some(addr) => {
                 let bind_err = |source| Error::BindCompat { addr, source };
-                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let l = listen(addr).map_err(bind_err)?;
                 let local = l.local_addr().map_err(bind_err)?;
                 Some((l, local))
             }
@@ -258,6 +256,24 @@ impl App {
         tracing::info!("herald stopped");
         Ok(())
     }
+}
+
+/// Accept queue of the public listener. A rollout or a network blip makes
+/// thousands of browsers reconnect at once; with the usual 1,024 the
+/// kernel drops SYNs and clients wait a full second to retry.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// Binds the public listener with [`ACCEPT_BACKLOG`] (the kernel caps it at
+/// `net.core.somaxconn`).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Expires history and frees idle channels every so often.

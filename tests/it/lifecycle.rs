@@ -159,3 +159,28 @@ async fn ids_issued_after_a_restart_are_above_every_id_issued_before() {
     assert_eq!(sub.next().await.event, "herald.reset");
     assert_eq!(sub.next_data().await, "new");
 }
+
+#[tokio::test]
+async fn the_public_listener_has_a_deep_accept_queue() {
+    // A reconnect storm (a rollout, a network blip) must not overflow the
+    // kernel's accept queue: `ss` shows a listener's backlog as Send-Q.
+    let hub = crate::support::TestHub::spawn().await;
+    let Ok(out) = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", hub.addr.port())])
+        .output()
+    else {
+        eprintln!("SKIPPED: no ss on this machine");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: u64 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected ss output: {text:?}"));
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    assert_eq!(send_q, somaxconn.min(8192), "{text}");
+}
