@@ -962,3 +962,84 @@ async fn gossip_mode_finds_the_members_and_keeps_strangers_out() {
     );
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_can_follow_the_ready_pods_of_a_selector() {
+    use crate::fake_kube::{FakeKube, Kind};
+    let fake = FakeKube::start().await;
+    let dir = std::env::temp_dir().join(format!("herald-cluster-pods-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.kubeconfig(&dir);
+    let port = free_port();
+    let ip = |i: usize| format!("127.0.0.{}", i + 11);
+    let pod = |i: usize, ready: bool| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("herald-{i}"), "namespace": "apps", "labels": {"app": "herald"}},
+            "spec": {"containers": [{"name": "herald", "image": "herald:1"}]},
+            "status": {"phase": "Running", "podIP": ip(i),
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        })
+    };
+    fake.create(pod(0, true));
+    fake.create(pod(1, false));
+    let publics: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let _children: Vec<Child> = publics
+        .iter()
+        .enumerate()
+        .map(|(i, public)| {
+            Command::new(BIN)
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{public}"),
+                    "--internal-listen",
+                    &format!("{}:{port}", ip(i)),
+                    "--node-name",
+                    &format!("s{i}"),
+                    "--cluster",
+                    "kubernetes",
+                    "--kube-selector",
+                    "app=herald",
+                    "--kube-namespace",
+                    "apps",
+                    "--peer-timeout",
+                    "2s",
+                ])
+                .env("KUBECONFIG", &kubeconfig)
+                .quiet()
+        })
+        .collect();
+    let has = |public: u16, i: usize, state: &'static str| async move {
+        peers_on(public).await.is_some_and(|p| {
+            p.iter()
+                .any(|(a, st, _)| *a == format!("{}:{port}", ip(i)) && st == state)
+        })
+    };
+    eventually(|| async { has(publics[1], 0, "live").await }).await;
+    assert!(!has(publics[0], 1, "live").await);
+    // The pod turns Ready: node 0 follows it.
+    fake.patch(
+        Kind::Pod,
+        "apps",
+        "herald-1",
+        json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    eventually(|| async { has(publics[0], 1, "live").await }).await;
+    let mut sub = subscribe_on(publics[0], "s").await;
+    publish_on(publics[1], "s", "from s1").await;
+    assert_eq!(sub.next().await.data, "from s1");
+    // It is deleted (terminating): it leaves at once.
+    fake.patch(
+        Kind::Pod,
+        "apps",
+        "herald-1",
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    );
+    eventually(|| async {
+        peers_on(publics[0])
+            .await
+            .is_some_and(|p| !p.iter().any(|(a, _, _)| *a == format!("{}:{port}", ip(1))))
+    })
+    .await;
+}
