@@ -28,7 +28,7 @@ pub(super) async fn channel(
     let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
     let p = read(&state, req).await?;
     let published = state.hub.publish(&channel, p);
-    let mut body = serde_json::json!({ "id": published.id.to_string() });
+    let mut body = serde_json::json!({ "id": published.text() });
     if published.duplicate {
         body["duplicate"] = true.into();
     }
@@ -56,7 +56,7 @@ pub(super) async fn client(
     match state.hub.publish_to_client(&channel, &client, p.clone()) {
         Ok(published) => Ok((
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "id": published.id.to_string() })),
+            Json(serde_json::json!({ "id": published.text() })),
         )),
         // In a cluster the client may be connected to another node.
         Err(e) => match &state.cluster {
@@ -93,7 +93,7 @@ pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<A
     };
     let ids: serde_json::Map<String, serde_json::Value> = out
         .iter()
-        .map(|(c, p)| (c.to_string(), p.id.to_string().into()))
+        .map(|(c, p)| (c.to_string(), p.text().into()))
         .collect();
     Ok((
         StatusCode::ACCEPTED,

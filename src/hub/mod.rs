@@ -90,12 +90,24 @@ pub struct Publish {
 }
 
 /// The outcome of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     /// The event's id (the first event's, for a duplicate).
     pub id: EventId,
     /// True if the idempotency key had been seen: nothing was delivered.
     pub duplicate: bool,
+    /// In a cluster: the id subscribers see (the node's position after the
+    /// event), which resumes on any node.
+    pub wire: Option<Arc<str>>,
+}
+
+impl Published {
+    /// The id to tell the publisher: what subscribers see.
+    pub fn text(&self) -> String {
+        self.wire
+            .as_deref()
+            .map_or_else(|| self.id.to_string(), str::to_owned)
+    }
 }
 
 /// Where a subscriber starts.
@@ -490,6 +502,7 @@ impl Hub {
                 return Published {
                     id,
                     duplicate: true,
+                    wire: None,
                 };
             }
             Some(id) => id,
@@ -593,11 +606,13 @@ impl Hub {
                 return Published {
                     id: *id,
                     duplicate: true,
+                    wire: None,
                 };
             }
             st.expire(now, self.config.history_ttl);
             let ev = make();
             let id = ev.id;
+            let wire = ev.wire_id.clone();
             self.fan_out(
                 st.subscribers
                     .iter()
@@ -625,6 +640,7 @@ impl Hub {
             Published {
                 id,
                 duplicate: false,
+                wire,
             }
         });
         if !published.duplicate {
@@ -724,6 +740,7 @@ impl Hub {
         Ok(Published {
             id: ev.id,
             duplicate: false,
+            wire: ev.wire_id.clone(),
         })
     }
 

@@ -163,7 +163,8 @@ fn idempotency_key_acknowledges_the_first_id_and_delivers_once() {
         again,
         Published {
             id: first.id,
-            duplicate: true
+            duplicate: true,
+            wire: None,
         }
     );
     assert_eq!(drain(&o), ["x"]);

@@ -1043,3 +1043,24 @@ async fn kubernetes_mode_can_follow_the_ready_pods_of_a_selector() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_id_a_publish_returns_resumes_on_any_node() {
+    let c = Cluster::start(2).await;
+    let publish = |data: &'static str| {
+        let url = c.nodes[0].url("/channel/ids");
+        async move {
+            let r = http().post(url).body(data).send().await.unwrap();
+            assert_eq!(r.status(), 202);
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let first = publish("one").await;
+    assert!(first.contains("n0="), "a position: {first}");
+    publish("two").await;
+    let mut s = c.sse(1, "ids", Some(&first)).await;
+    assert_eq!(s.next().await.data, "two");
+}
