@@ -60,16 +60,9 @@ pub struct Line {
 impl Line {
     /// The wire form of an event (which must have an origin).
     pub fn of(ev: &SharedEvent) -> Option<Self> {
-        let origin = ev.origin.as_ref()?;
-        let (data, json) = match &ev.data {
-            Data::Json(raw) => (RawValue::from_string(raw.clone()).ok()?, true),
-            Data::Text(t) => (
-                RawValue::from_string(serde_json::to_string(t).ok()?).ok()?,
-                false,
-            ),
-        };
+        let (data, json) = raw(&ev.data)?;
         Some(Self {
-            origin: origin.to_string(),
+            origin: ev.origin.as_ref()?.to_string(),
             id: ev.id.to_string(),
             channel: ev.channel.as_str().to_owned(),
             event: ev.name.as_ref().map(|n| n.as_str().to_owned()),
@@ -80,6 +73,38 @@ impl Line {
             retain: ev.retain,
         })
     }
+
+    /// What to publish for this line; `None` if its data or event name is
+    /// not valid.
+    fn publish(self) -> Option<Publish> {
+        let data = if self.json {
+            Data::Json(self.data.get().to_owned())
+        } else {
+            Data::Text(serde_json::from_str::<String>(self.data.get()).ok()?)
+        };
+        let event = match self.event.as_deref().map(EventName::parse) {
+            None => None,
+            Some(n) => Some(n.ok()?),
+        };
+        Some(Publish {
+            data,
+            event,
+            key: self.key,
+            retry: self.retry,
+            retain: self.retain,
+        })
+    }
+}
+
+/// Data as raw JSON, and whether it was published as JSON.
+fn raw(data: &Data) -> Option<(Box<RawValue>, bool)> {
+    Some(match data {
+        Data::Json(raw) => (RawValue::from_string(raw.clone()).ok()?, true),
+        Data::Text(t) => (
+            RawValue::from_string(serde_json::to_string(t).ok()?).ok()?,
+            false,
+        ),
+    })
 }
 
 /// Applies one line from a peer; false if it was invalid or already here.
@@ -91,36 +116,15 @@ pub fn apply(hub: &Hub, me: &str, l: Line) -> bool {
     if !crate::hub::valid_origin(&l.origin) {
         return false;
     }
-    let data = if l.json {
-        Data::Json(l.data.get().to_owned())
-    } else {
-        match serde_json::from_str::<String>(l.data.get()) {
-            Ok(s) => Data::Text(s),
-            Err(_) => return false,
-        }
+    let origin: Origin = Arc::from(l.origin.as_str());
+    let Some(p) = l.publish() else {
+        return false;
     };
-    let event = match l.event.as_deref().map(EventName::parse) {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(_)) => return false,
-    };
-    if l.origin == me {
+    if &*origin == me {
         // One of this node's own events, learnt back after a restart.
         hub.observe_own(id);
     }
-    let origin: Origin = Arc::from(l.origin.as_str());
-    hub.apply_remote(
-        &channel,
-        &origin,
-        id,
-        Publish {
-            data,
-            event,
-            key: l.key,
-            retry: l.retry,
-            retain: l.retain,
-        },
-    )
+    hub.apply_remote(&channel, &origin, id, p)
 }
 
 /// What the internal handlers share.
@@ -277,19 +281,18 @@ async fn channels(State(s): State<Internal>) -> Response {
 
 /// The body of a targeted publish offered to peers.
 pub fn client_body(channel: &ChannelName, client: &ClientId, p: &Publish) -> serde_json::Value {
-    let (data, json): (serde_json::Value, bool) = match &p.data {
-        Data::Json(raw) => (
-            serde_json::from_str(raw).unwrap_or(serde_json::Value::Null),
-            true,
-        ),
-        Data::Text(t) => (serde_json::Value::String(t.clone()), false),
-    };
-    serde_json::json!({
-        "channel": channel.as_str(),
-        "client": client.as_str(),
-        "line": {"origin": "", "id": "0", "channel": channel.as_str(),
-            "event": p.event.as_ref().map(EventName::as_str), "data": data, "json": json, "retry": p.retry},
-    })
+    let line = raw(&p.data).map(|(data, json)| Line {
+        origin: String::new(),
+        id: "0".into(),
+        channel: channel.as_str().to_owned(),
+        event: p.event.as_ref().map(|n| n.as_str().to_owned()),
+        data,
+        json,
+        retry: p.retry,
+        key: None,
+        retain: false,
+    });
+    serde_json::json!({"channel": channel.as_str(), "client": client.as_str(), "line": line})
 }
 
 #[derive(Deserialize)]
@@ -307,30 +310,15 @@ async fn client(State(s): State<Internal>, body: Bytes) -> Response {
     else {
         return error(StatusCode::BAD_REQUEST, "invalid channel or client");
     };
-    let data = if p.line.json {
-        Data::Json(p.line.data.get().to_owned())
-    } else {
-        match serde_json::from_str::<String>(p.line.data.get()) {
-            Ok(t) => Data::Text(t),
-            Err(_) => return error(StatusCode::BAD_REQUEST, "invalid data"),
-        }
+    let Some(publish) = p.line.publish() else {
+        return error(StatusCode::BAD_REQUEST, "invalid data or event name");
     };
-    let event = p
-        .line
-        .event
-        .as_deref()
-        .and_then(|e| EventName::parse(e).ok());
-    match s.hub.publish_to_client(
-        &channel,
-        &client,
-        Publish {
-            data,
-            event,
-            key: None,
-            retry: p.line.retry,
-            retain: false,
-        },
-    ) {
+    let publish = Publish {
+        key: None,
+        retain: false,
+        ..publish
+    };
+    match s.hub.publish_to_client(&channel, &client, publish) {
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }

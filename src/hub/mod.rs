@@ -255,25 +255,23 @@ impl ChannelState {
 }
 
 impl ChannelState {
-    /// What a client at position `p` has not seen: the retained value
-    /// (unless history holds it), then history.
+    /// Every event kept: the retained value (unless history holds it),
+    /// then history.
+    fn kept(&self) -> impl Iterator<Item = &SharedEvent> {
+        let retained = self
+            .retained
+            .as_ref()
+            .filter(|r| !self.history.iter().any(|h| Arc::ptr_eq(h, r)));
+        retained.into_iter().chain(self.history.iter())
+    }
+
+    /// What a client at position `p` has not seen, of what is kept.
     fn unseen(&self, p: &Position) -> Vec<Item> {
-        let unseen = |e: &SharedEvent| e.origin.as_ref().is_none_or(|o| !p.covers(o, e.id));
-        let mut items = Vec::new();
-        if let Some(r) = &self.retained
-            && unseen(r)
-            && !self.history.iter().any(|h| Arc::ptr_eq(h, r))
-        {
-            items.push(Item::Event(r.clone()));
-        }
-        items.extend(
-            self.history
-                .iter()
-                .filter(|e| unseen(e))
-                .cloned()
-                .map(Item::Event),
-        );
-        items
+        self.kept()
+            .filter(|e| e.origin.as_ref().is_none_or(|o| !p.covers(o, e.id)))
+            .cloned()
+            .map(Item::Event)
+            .collect()
     }
 }
 
@@ -479,11 +477,10 @@ impl Hub {
         if self.config.origin.is_none() {
             return false;
         }
-        if self.cluster.lock().position.covers(origin, id) {
-            return false;
-        }
-        let published = self.apply_cluster(channel, origin.clone(), Some(id), p, false);
-        !published.duplicate
+        // Already applied (at or below the position) comes back a duplicate.
+        !self
+            .apply_cluster(channel, origin.clone(), Some(id), p, false)
+            .duplicate
     }
 
     /// Cluster mode: assigns the position under the node's apply lock,
@@ -550,44 +547,28 @@ impl Hub {
     /// Every event kept (history and retained values), sorted by origin
     /// and id: what a starting node backfills from a peer.
     pub fn snapshot(&self) -> Vec<SharedEvent> {
-        let mut out: Vec<SharedEvent> = vec![];
-        for e in &self.channels {
-            let st = e.value().state.lock();
-            if let Some(r) = &st.retained
-                && !st.history.iter().any(|h| Arc::ptr_eq(h, r))
-            {
-                out.push(r.clone());
-            }
-            out.extend(st.history.iter().cloned());
-        }
-        out.retain(|e| e.origin.is_some());
+        let mut out = self.kept_where(|e| e.origin.is_some());
         out.sort_by(|a, b| (&a.origin, a.id).cmp(&(&b.origin, b.id)));
         out
     }
 
-    /// This node's own events after `after`, in id order, from history.
+    /// This node's own events after `after`, in id order, from what is kept.
     pub fn own_events_after(&self, after: EventId) -> Vec<SharedEvent> {
         let Some(me) = &self.config.origin else {
             return vec![];
         };
-        let mut out: Vec<SharedEvent> = vec![];
+        let mut out = self.kept_where(|e| e.id > after && e.origin.as_ref() == Some(me));
+        out.sort_by_key(|e| e.id);
+        out
+    }
+
+    /// The kept events of every channel that `keep` accepts.
+    fn kept_where(&self, keep: impl Fn(&SharedEvent) -> bool) -> Vec<SharedEvent> {
+        let mut out = vec![];
         for e in &self.channels {
             let st = e.value().state.lock();
-            out.extend(
-                st.history
-                    .iter()
-                    .filter(|h| h.id > after && h.origin.as_ref() == Some(me))
-                    .cloned(),
-            );
-            if let Some(r) = &st.retained
-                && r.id > after
-                && r.origin.as_ref() == Some(me)
-                && !st.history.iter().any(|h| Arc::ptr_eq(h, r))
-            {
-                out.push(r.clone());
-            }
+            out.extend(st.kept().filter(|e| keep(e)).cloned());
         }
-        out.sort_by_key(|e| e.id);
         out
     }
 

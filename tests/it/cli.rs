@@ -292,8 +292,7 @@ async fn spa_reloaders_environment_starts_a_compatible_server() {
         &[("spa", "spa:1.0")],
     ));
     fake.settle();
-    let dir = std::env::temp_dir().join(format!("herald-cli-spa-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::tempdir();
     let kubeconfig = fake.kubeconfig(&dir);
     let (port, ws_port) = (free_port(), free_port());
     // spa-reloader's variables, and the kubeconfig as kube-rs finds it.

@@ -515,8 +515,7 @@ fn port_less() -> String {
 async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
     use crate::fake_kube::{FakeKube, Kind};
     let fake = FakeKube::start().await;
-    let dir = std::env::temp_dir().join(format!("herald-cluster-kube-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::tempdir();
     let kubeconfig = fake.kubeconfig(&dir);
     // Three nodes on 127.0.0.1-3, one internal port, as pods would be.
     let port = free_port();
@@ -627,8 +626,7 @@ async fn dns_mode_follows_the_addresses_a_name_resolves_to() {
     // The name resolves through a hosts file of our own, bind-mounted over
     // /etc/hosts in each node's private mount namespace; it first lists
     // nodes 0 and 1 only.
-    let dir = std::env::temp_dir().join(format!("herald-cluster-dns-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::tempdir();
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, "127.0.0.1 herald-peers\n127.0.0.2 herald-peers\n").unwrap();
     let port = free_port();
@@ -967,8 +965,7 @@ async fn gossip_mode_finds_the_members_and_keeps_strangers_out() {
 async fn kubernetes_mode_can_follow_the_ready_pods_of_a_selector() {
     use crate::fake_kube::{FakeKube, Kind};
     let fake = FakeKube::start().await;
-    let dir = std::env::temp_dir().join(format!("herald-cluster-pods-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::tempdir();
     let kubeconfig = fake.kubeconfig(&dir);
     let port = free_port();
     let ip = |i: usize| format!("127.0.0.{}", i + 11);

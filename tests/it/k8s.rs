@@ -10,7 +10,6 @@
 //! channel under test must be the next thing its subscriber reads.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{SinkExt, StreamExt};
 use herald::config::Config;
@@ -19,20 +18,9 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fake_kube::{FakeKube, Kind, now_rfc3339};
-use crate::support::{Sse, TestHub, WAIT, config, eventually};
+use crate::support::{Sse, TestHub, WAIT, config, eventually, tempdir};
 
 const NS: &str = "apps";
-
-fn tempdir() -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "herald-it-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn channel(name: &str) -> String {
     format!("k8s.deployment:{NS}:{name}")
