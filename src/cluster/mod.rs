@@ -511,53 +511,47 @@ impl Node {
 
     /// Channels with subscribers on any node (for `POST /channel`).
     pub async fn channels_with_subscribers(&self) -> Vec<String> {
-        let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
         let mut all: Vec<String> = self
             .hub
             .channels_with_subscribers()
             .iter()
             .map(|c| c.as_str().to_owned())
             .collect();
-        let asks = links.iter().filter(|l| !l.is_self()).map(|l| {
-            let req = self
-                .authorize(
-                    self.http
-                        .get(format!("http://{}/internal/v1/channels", l.addr())),
-                )
-                .timeout(self.options.peer_timeout);
-            async move {
-                match req.send().await {
-                    Ok(r) if r.status().is_success() => {
-                        r.json::<Vec<String>>().await.unwrap_or_default()
-                    }
-                    _ => vec![],
-                }
-            }
-        });
-        for v in futures_util::future::join_all(asks).await {
-            all.extend(v);
+        let answers = self
+            .ask_peers(|http, addr| http.get(format!("http://{addr}/internal/v1/channels")))
+            .await;
+        for r in answers.into_iter().flatten() {
+            all.extend(r.json::<Vec<String>>().await.unwrap_or_default());
         }
         all.sort();
         all.dedup();
         all
     }
 
-    /// Offers a targeted publish to every peer; true if one delivered it.
-    pub async fn publish_to_client(&self, body: serde_json::Value) -> bool {
+    /// Sends one request to every peer but this node, in parallel, with the
+    /// secret and the peer timeout; the successful answers.
+    async fn ask_peers(
+        &self,
+        request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Vec<Option<reqwest::Response>> {
         let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
         let asks = links.iter().filter(|l| !l.is_self()).map(|l| {
             let req = self
-                .authorize(
-                    self.http
-                        .post(format!("http://{}/internal/v1/client", l.addr())),
-                )
-                .timeout(self.options.peer_timeout)
-                .json(&body);
-            async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
+                .authorize(request(&self.http, l.addr()))
+                .timeout(self.options.peer_timeout);
+            async move { req.send().await.ok().filter(|r| r.status().is_success()) }
         });
-        futures_util::future::join_all(asks)
-            .await
-            .into_iter()
-            .any(|d| d)
+        futures_util::future::join_all(asks).await
+    }
+
+    /// Offers a targeted publish to every peer; true if one delivered it.
+    pub async fn publish_to_client(&self, body: serde_json::Value) -> bool {
+        self.ask_peers(|http, addr| {
+            http.post(format!("http://{addr}/internal/v1/client"))
+                .json(&body)
+        })
+        .await
+        .iter()
+        .any(Option::is_some)
     }
 }
