@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backplane::{self, Backplane};
 use crate::cluster;
 use crate::config::Config;
 use crate::http;
@@ -110,7 +111,7 @@ impl App {
                 Some((l, local))
             }
         };
-        let internal = if config.cluster.enabled() {
+        let internal = if config.cluster.mesh() {
             let addr = config.cluster.internal_listen;
             let bind_err = |source| Error::BindInternal { addr, source };
             let l = TcpListener::bind(addr).await.map_err(bind_err)?;
@@ -219,8 +220,31 @@ impl App {
                 &shutdown,
             )
         });
+        let backplane = config
+            .cluster
+            .backplane(config.history_ttl)
+            .map(|options| match config.cluster.mode {
+                cluster::Mode::Nats => Backplane::start::<backplane::Nats>(
+                    &config.node_name,
+                    &hub,
+                    &options,
+                    &tasks,
+                    &shutdown,
+                ),
+                _ => Backplane::start::<backplane::Redis>(
+                    &config.node_name,
+                    &hub,
+                    &options,
+                    &tasks,
+                    &shutdown,
+                ),
+            });
+        if let Some(b) = &backplane {
+            tracing::info!(mode = ?config.cluster.mode, url = %b.url(), "sharing channels through the backplane");
+        }
         let state = http::State {
             cluster,
+            backplane,
             sources,
             hub,
             config: config.clone(),

@@ -145,7 +145,7 @@ pub struct ServeArgs {
     /// Compatibility (spa-reloader): resync period in seconds.
     #[arg(long, env = "SPA_RESYNC_SEC", hide = true)]
     pub spa_resync_sec: Option<String>,
-    /// Share channels with peers: none, static, dns, kubernetes, gossip.
+    /// Share channels with peers: none, static, dns, kubernetes, gossip (a mesh), or through redis or nats.
     #[arg(long, env = "HERALD_CLUSTER", value_name = "MODE", default_value = "none", value_parser = cluster::Mode::parse)]
     pub cluster: cluster::Mode,
     /// Static peers: internal listeners as host:port (comma-separated).
@@ -173,7 +173,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub cluster_secret: Option<String>,
-    /// Timeout of a peer request, and of silence on a peer's stream [default: 10s, or $HTTP_CLIENT_TIMEOUT].
+    /// Timeout of a peer or backplane request, of silence on a peer's stream, and of a publish's confirmation by the backplane [default: 10s, or $HTTP_CLIENT_TIMEOUT].
     #[arg(long, env = "HERALD_PEER_TIMEOUT", value_parser = config::parse_duration)]
     pub peer_timeout: Option<Duration>,
     /// Kubernetes mode: the Service whose EndpointSlices list the peers.
@@ -207,6 +207,25 @@ pub struct ServeArgs {
     /// The IP peers reach this node on, when it listens on all interfaces (gossip mode).
     #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "IP")]
     pub advertise_addr: Option<std::net::IpAddr>,
+    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS).
+    #[arg(
+        long,
+        env = "HERALD_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// NATS mode: the server(s), nats://[USER:PASSWORD@]HOST:PORT, comma-separated; JetStream must be enabled.
+    #[arg(
+        long,
+        env = "HERALD_NATS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
+    /// Redis and NATS modes: prefix of every key, subject and stream, so clusters can share a server.
+    #[arg(long, env = "HERALD_BACKPLANE_PREFIX", value_name = "NAME", default_value = cluster::DEFAULT_BACKPLANE_PREFIX)]
+    pub backplane_prefix: String,
     /// Compatibility (sse-cluster): gossip seed hosts, comma-separated.
     #[arg(long, env = "GOSSIP_HOSTS", hide = true, value_delimiter = ',')]
     pub gossip_hosts: Vec<String>,
@@ -300,6 +319,9 @@ impl ServeArgs {
                 .or_else(|| self.gossip_secret_key.clone())
                 .map(Secret::new),
             advertise: self.advertise_addr,
+            redis_url: self.redis_url.clone().map(Secret::new),
+            nats_url: self.nats_url.clone().map(Secret::new),
+            backplane_prefix: self.backplane_prefix.clone(),
         };
         let config = Config {
             cluster,

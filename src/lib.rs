@@ -11,6 +11,7 @@
 //! into the hub; [`cluster`] shares every channel between replicas.
 
 pub mod app;
+pub mod backplane;
 pub mod bench;
 pub mod cli;
 pub mod cluster;

@@ -127,6 +127,21 @@ pub fn apply(hub: &Hub, me: &str, l: Line) -> bool {
     hub.apply_remote(&channel, &origin, id, p)
 }
 
+/// Applies a snapshot's lines (every origin's kept events and retained
+/// values, in any order): sorted by origin and id first, since each
+/// origin's events must be applied in id order. Returns how many applied.
+pub fn apply_all(hub: &Hub, me: &str, mut lines: Vec<Line>) -> usize {
+    lines.sort_by(|a, b| {
+        (&a.origin, a.id.parse::<EventId>().ok()).cmp(&(&b.origin, b.id.parse::<EventId>().ok()))
+    });
+    lines.dedup_by(|a, b| a.origin == b.origin && a.id == b.id);
+    lines
+        .into_iter()
+        .map(|l| apply(hub, me, l))
+        .filter(|applied| *applied)
+        .count()
+}
+
 /// What the internal handlers share.
 #[derive(Clone)]
 struct Internal {

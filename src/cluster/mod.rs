@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Secret;
 use crate::hub::Hub;
 
-pub use internal::{client_body, router};
+pub use internal::{Line, apply, apply_all, client_body, router};
 
 /// How peers are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,6 +55,10 @@ pub enum Mode {
     Kubernetes,
     /// Gossip membership (SWIM over UDP).
     Gossip,
+    /// A Redis backplane (see [`crate::backplane`]).
+    Redis,
+    /// A NATS JetStream backplane (see [`crate::backplane`]).
+    Nats,
 }
 
 impl Mode {
@@ -66,9 +70,11 @@ impl Mode {
             "dns" => Self::Dns,
             "kubernetes" => Self::Kubernetes,
             "gossip" => Self::Gossip,
+            "redis" => Self::Redis,
+            "nats" => Self::Nats,
             other => {
                 return Err(format!(
-                    "{other:?}: expected none, static, dns, kubernetes or gossip"
+                    "{other:?}: expected none, static, dns, kubernetes, gossip, redis or nats"
                 ));
             }
         })
@@ -81,6 +87,8 @@ impl Mode {
             Self::Dns => "dns",
             Self::Kubernetes => "kubernetes",
             Self::Gossip => "gossip",
+            Self::Redis => "redis",
+            Self::Nats => "nats",
         }
     }
 }
@@ -121,7 +129,16 @@ pub struct Options {
     pub gossip_secret: Option<Secret>,
     /// The IP peers reach this node on, when it listens on all interfaces.
     pub advertise: Option<std::net::IpAddr>,
+    /// Redis mode: the server's URL.
+    pub redis_url: Option<Secret>,
+    /// NATS mode: the server's URL.
+    pub nats_url: Option<Secret>,
+    /// Redis and NATS modes: the prefix of every key, subject and stream.
+    pub backplane_prefix: String,
 }
+
+/// The default `--backplane-prefix`.
+pub const DEFAULT_BACKPLANE_PREFIX: &str = "herald";
 
 impl Default for Options {
     fn default() -> Self {
@@ -140,6 +157,9 @@ impl Default for Options {
             gossip_seeds: vec![],
             gossip_secret: None,
             advertise: None,
+            redis_url: None,
+            nats_url: None,
+            backplane_prefix: DEFAULT_BACKPLANE_PREFIX.to_owned(),
         }
     }
 }
@@ -150,10 +170,38 @@ impl Options {
         self.mode != Mode::None
     }
 
+    /// True for the modes where nodes talk to each other (the mesh), which
+    /// need the internal listener; false for none, Redis and NATS.
+    pub fn mesh(&self) -> bool {
+        !matches!(self.mode, Mode::None | Mode::Redis | Mode::Nats)
+    }
+
+    /// Redis and NATS modes: the backplane's options.
+    pub fn backplane(
+        &self,
+        history_ttl: Duration,
+    ) -> Option<crate::backplane::Options> {
+        let url = match self.mode {
+            Mode::Redis => self.redis_url.clone()?,
+            Mode::Nats => self.nats_url.clone()?,
+            _ => return None,
+        };
+        Some(crate::backplane::Options {
+            url,
+            prefix: self.backplane_prefix.clone(),
+            timeout: self.peer_timeout,
+            history_ttl,
+        })
+    }
+
     /// Checks the combination; errors name the flag.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.peer_timeout.is_zero() {
+            return Err(("--peer-timeout", "must be greater than zero".into()));
+        }
         match self.mode {
             Mode::None => return Ok(()),
+            Mode::Redis | Mode::Nats => return self.validate_backplane(),
             Mode::Static if self.peers.is_empty() => {
                 return Err((
                     "--peers",
@@ -217,8 +265,63 @@ impl Options {
         if self.secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             return Err(("--cluster-secret", "must be at least 16 characters".into()));
         }
-        if self.peer_timeout.is_zero() {
-            return Err(("--peer-timeout", "must be greater than zero".into()));
+        Ok(())
+    }
+
+    fn validate_backplane(&self) -> Result<(), (&'static str, String)> {
+        let p = &self.backplane_prefix;
+        if p.is_empty()
+            || p.len() > 32
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err((
+                "--backplane-prefix",
+                format!("{p:?}: 1 to 32 characters of a-z A-Z 0-9 _ -"),
+            ));
+        }
+        match self.mode {
+            Mode::Redis => {
+                let Some(url) = &self.redis_url else {
+                    return Err((
+                        "--redis-url",
+                        "--cluster redis needs --redis-url redis://HOST:PORT".into(),
+                    ));
+                };
+                if let Err(e) = redis::Client::open(url.expose()) {
+                    return Err((
+                        "--redis-url",
+                        format!(
+                            "{}: not a Redis URL ({e})",
+                            crate::backplane::redact(url.expose())
+                        ),
+                    ));
+                }
+            }
+            Mode::Nats => {
+                let Some(url) = &self.nats_url else {
+                    return Err((
+                        "--nats-url",
+                        "--cluster nats needs --nats-url nats://HOST:PORT".into(),
+                    ));
+                };
+                let ok = url.expose().split(',').all(|u| {
+                    u.trim()
+                        .parse::<async_nats::ServerAddr>()
+                        .is_ok()
+                });
+                if !ok {
+                    return Err((
+                        "--nats-url",
+                        format!(
+                            "{}: not a NATS URL (nats://HOST:PORT, comma-separated)",
+                            crate::backplane::redact(url.expose())
+                        ),
+                    ));
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -502,11 +605,7 @@ impl Node {
             return Err(format!("status {}", resp.status()));
         }
         let lines: Vec<internal::Line> = resp.json().await.map_err(|e| e.to_string())?;
-        let n = lines.len();
-        for l in lines {
-            internal::apply(&self.hub, &self.name, l);
-        }
-        Ok(n)
+        Ok(internal::apply_all(&self.hub, &self.name, lines))
     }
 
     /// Channels with subscribers on any node (for `POST /channel`).

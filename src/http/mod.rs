@@ -43,8 +43,10 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tasks: TaskTracker,
-    /// The cluster node, if clustering.
+    /// The cluster node, if clustering as a mesh.
     pub cluster: Option<Arc<crate::cluster::Node>>,
+    /// The backplane, if clustering through Redis or NATS.
+    pub backplane: Option<Arc<crate::backplane::Backplane>>,
     /// The Kubernetes sources, if any are configured.
     pub sources: Option<Arc<crate::k8s::Sources>>,
     /// Ticks every `--heartbeat`: one shared timer instead of one per idle
@@ -80,6 +82,7 @@ impl State {
             tasks: TaskTracker::new(),
             sources: None,
             cluster: None,
+            backplane: None,
             ticks: tokio::sync::watch::channel(0).1,
         }
     }

@@ -27,7 +27,11 @@ pub(super) async fn channel(
 ) -> Result<Accepted, ApiError> {
     let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
     let p = read(&state, req).await?;
+    admit(&state)?;
     let published = state.hub.publish(&channel, p);
+    if !published.duplicate {
+        confirm(&state, published.id).await?;
+    }
     let mut body = serde_json::json!({ "id": published.text() });
     if published.duplicate {
         body["duplicate"] = true.into();
@@ -76,6 +80,7 @@ pub(super) async fn client(
 
 pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<Accepted, ApiError> {
     let p = read(&state, req).await?;
+    admit(&state)?;
     let out = match &state.cluster {
         // Every channel with subscribers on any node, published here once
         // and shared like any other event.
@@ -91,6 +96,14 @@ pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<A
             .collect(),
         None => state.hub.publish_all(&p),
     };
+    if let Some(newest) = out
+        .iter()
+        .filter(|(_, p)| !p.duplicate)
+        .map(|(_, p)| p.id)
+        .max()
+    {
+        confirm(&state, newest).await?;
+    }
     let ids: serde_json::Map<String, serde_json::Value> = out
         .iter()
         .map(|(c, p)| (c.to_string(), p.text().into()))
@@ -99,6 +112,24 @@ pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<A
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "channels": out.len(), "ids": ids })),
     ))
+}
+
+/// With a backplane: refuses a publish while it is unreachable, so nothing
+/// is applied that could not be shared.
+fn admit(state: &AppState) -> Result<(), ApiError> {
+    match &state.backplane {
+        Some(b) => b.admit().map_err(ApiError::unavailable),
+        None => Ok(()),
+    }
+}
+
+/// With a backplane: waits until it has stored the event, so a 202 means
+/// no node's failure can lose it.
+async fn confirm(state: &AppState, id: crate::hub::EventId) -> Result<(), ApiError> {
+    match &state.backplane {
+        Some(b) => b.confirm(id).await.map_err(ApiError::unavailable),
+        None => Ok(()),
+    }
 }
 
 /// Authorizes, reads and validates a publish request.

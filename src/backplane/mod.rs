@@ -1,0 +1,555 @@
+//! Backplanes: Redis or NATS carry a cluster's events, for clusters that
+//! outgrow the peer mesh.
+//!
+//! The design is the mesh's, with the backend in the middle: every node
+//! writes its own events (its origin's stream) to the backend, in id order,
+//! and reads every other origin's stream from its position (see
+//! [`crate::hub::Position`]). The hub's backplane contract is all it uses
+//! (ARCHITECTURE.md, "The backplane contract"). So:
+//!
+//! - the backend keeps history and retained values: a node that starts,
+//!   or restarts, loads them (a snapshot) before `/readyz` turns 200;
+//! - each node reads the backend once per origin, never per channel or
+//!   per client, and writes in pipelined batches;
+//! - local delivery never waits for the backend: an event is applied (and
+//!   delivered here) first, then written; the publisher's 202 waits for
+//!   the backend's acknowledgement, so a 202 means "stored in the
+//!   backend", and a node that dies after a 202 loses nothing;
+//! - while the backend is unreachable, publishes are refused with 503
+//!   (nothing is applied), the node keeps its subscribers, reconnects with
+//!   backoff, rewrites whatever the backend lacks of its own events (from
+//!   its history), and reads what it missed from the stored streams.
+//!
+//! [`Store`] is what a backend has to do; [`Redis`] and [`Nats`] do it.
+//! The rest (reconnecting, batching, confirmations, the snapshot, status)
+//! is here, once.
+
+mod nats;
+mod redis;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Line;
+use crate::config::Secret;
+use crate::hub::{EventId, Hub, Position, SharedEvent};
+
+pub use self::nats::Nats;
+pub use self::redis::Redis;
+
+/// Most events written in one pipelined batch.
+const MAX_BATCH: usize = 512;
+
+/// How long a reader waits on the backend before it looks again.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// Why the backend could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend is unreachable or failed a request.
+    #[error("{0}")]
+    Backend(String),
+    /// The backend answered something herald did not write.
+    #[error("unexpected data in the backend: {0}")]
+    Data(String),
+}
+
+impl Error {
+    fn backend(e: impl std::fmt::Display) -> Self {
+        Self::Backend(e.to_string())
+    }
+}
+
+/// Why a publish was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The backend is unreachable: nothing was published.
+    #[error(
+        "the {kind} backplane is unavailable ({why}); nothing was published, retry later"
+    )]
+    Unavailable {
+        /// `redis` or `nats`.
+        kind: &'static str,
+        /// The last error.
+        why: String,
+    },
+    /// The event was delivered on this node but the backend did not confirm
+    /// it in time; it is written when the backend is back, unless this node
+    /// stops first.
+    #[error(
+        "the {kind} backplane did not confirm the event ({why}); it was delivered on this node and will be forwarded when {kind} is back; to be sure, retry with the same idempotency id"
+    )]
+    Unconfirmed {
+        /// `redis` or `nats`.
+        kind: &'static str,
+        /// The last error, or the timeout.
+        why: String,
+    },
+}
+
+/// Which backend, and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The backend's URL (it may hold a password: kept as a secret).
+    pub url: Secret,
+    /// Key (Redis) or subject and stream (NATS) prefix, so several herald
+    /// clusters can share one backend.
+    pub prefix: String,
+    /// Timeout of one backend request, and of a publish's confirmation.
+    pub timeout: Duration,
+    /// How long history lasts (the backend trims to it).
+    pub history_ttl: Duration,
+}
+
+/// The cursor a reader keeps across reconnections (backend-specific).
+pub trait Cursor: Default + Send + 'static {}
+impl<T: Default + Send + 'static> Cursor for T {}
+
+/// One connection to a backend, as a writer or a reader uses it.
+pub trait Store: Sized + Send + 'static {
+    /// `redis` or `nats`.
+    const KIND: &'static str;
+    /// What a reader remembers across reconnections.
+    type Cursor: Cursor;
+
+    /// Connects, and creates what the backend needs (streams, keys).
+    fn connect(options: &Options, me: &str) -> impl Future<Output = Result<Self, Error>> + Send;
+
+    /// The newest of this node's own events the backend holds (0: none).
+    fn last_own(&mut self) -> impl Future<Output = Result<EventId, Error>> + Send;
+
+    /// Writes this node's own events, in id order, as one pipelined batch;
+    /// returns once the backend has acknowledged all of them.
+    fn write(&mut self, events: &[SharedEvent]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Checks the connection while there is nothing to write.
+    fn ping(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Every stored event and retained value of every origin, in any
+    /// order, and the cursor where reading goes on after them.
+    fn snapshot(
+        &mut self,
+        cursor: &mut Self::Cursor,
+    ) -> impl Future<Output = Result<Vec<Line>, Error>> + Send;
+
+    /// Waits up to about [`READ_BLOCK`] for events of other origins after
+    /// `position` (and the cursor); each origin's in id order. May return
+    /// none.
+    fn read(
+        &mut self,
+        position: &Position,
+        cursor: &mut Self::Cursor,
+    ) -> impl Future<Output = Result<Vec<Line>, Error>> + Send;
+}
+
+/// What the writer says: the newest own id the backend confirmed, and
+/// whether it is connected (false: publishes are refused).
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    confirmed: u64,
+    up: bool,
+}
+
+/// The state `/status` shows.
+#[derive(Debug, Default)]
+struct Health {
+    writer: &'static str,
+    reader: &'static str,
+    error: Option<String>,
+    reconnects: u64,
+}
+
+/// A running backplane node.
+#[derive(Debug)]
+pub struct Backplane {
+    kind: &'static str,
+    url: String,
+    name: Arc<str>,
+    hub: Arc<Hub>,
+    timeout: Duration,
+    written: tokio::sync::watch::Sender<Written>,
+    health: Mutex<Health>,
+    ready: AtomicBool,
+    applied: AtomicU64,
+    written_count: AtomicU64,
+}
+
+impl Backplane {
+    /// Starts the writer and the reader of backend `S` on `tasks`.
+    pub fn start<S: Store>(
+        name: &str,
+        hub: &Arc<Hub>,
+        options: &Options,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Arc<Self> {
+        let bp = Arc::new(Self {
+            kind: S::KIND,
+            url: redact(options.url.expose()),
+            name: Arc::from(name),
+            hub: hub.clone(),
+            timeout: options.timeout,
+            written: tokio::sync::watch::Sender::new(Written::default()),
+            health: Mutex::new(Health {
+                writer: "connecting",
+                reader: "connecting",
+                ..Health::default()
+            }),
+            ready: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            written_count: AtomicU64::new(0),
+        });
+        tasks.spawn(bp.clone().write_loop::<S>(options.clone(), shutdown.clone()));
+        tasks.spawn(bp.clone().read_loop::<S>(options.clone(), shutdown.clone()));
+        bp
+    }
+
+    /// The backend's URL, without its password.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// True once the first snapshot has been loaded.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// True while the writer is connected (publishes are accepted).
+    pub fn up(&self) -> bool {
+        self.written.borrow().up
+    }
+
+    /// Refuses a publish up front while the backend is unreachable.
+    pub fn admit(&self) -> Result<(), Refused> {
+        if self.up() {
+            Ok(())
+        } else {
+            Err(Refused::Unavailable {
+                kind: self.kind,
+                why: self.last_error(),
+            })
+        }
+    }
+
+    /// Waits until the backend has acknowledged this node's event `id`.
+    pub async fn confirm(&self, id: EventId) -> Result<(), Refused> {
+        let mut rx = self.written.subscribe();
+        let wait = rx.wait_for(|w| w.confirmed >= id.as_u64() || !w.up);
+        let why = match tokio::time::timeout(self.timeout, wait).await {
+            Ok(Ok(w)) if w.confirmed >= id.as_u64() => return Ok(()),
+            Ok(_) => self.last_error(),
+            Err(_) => format!("no confirmation within {:?}", self.timeout),
+        };
+        Err(Refused::Unconfirmed {
+            kind: self.kind,
+            why,
+        })
+    }
+
+    fn last_error(&self) -> String {
+        self.health
+            .lock()
+            .error
+            .clone()
+            .unwrap_or_else(|| "not connected yet".to_owned())
+    }
+
+    /// The cluster as `/status` shows it.
+    pub fn status(&self) -> serde_json::Value {
+        let h = self.health.lock();
+        let w = *self.written.borrow();
+        serde_json::json!({
+            "mode": self.kind,
+            "self": &*self.name,
+            "ready": self.ready(),
+            "position": self.hub.position().to_string(),
+            "backplane": {
+                "url": self.url,
+                "writer": h.writer,
+                "reader": h.reader,
+                "publishing": if w.up { "accepted" } else { "refused" },
+                "confirmed": EventId::from_u64(w.confirmed).to_string(),
+                "written": self.written_count.load(Ordering::Relaxed),
+                "applied": self.applied.load(Ordering::Relaxed),
+                "reconnects": h.reconnects,
+                "last_error": h.error,
+            },
+        })
+    }
+
+    fn set(&self, writer: Option<&'static str>, reader: Option<&'static str>, error: Option<String>) {
+        let mut h = self.health.lock();
+        if let Some(w) = writer {
+            h.writer = w;
+        }
+        if let Some(r) = reader {
+            h.reader = r;
+        }
+        if let Some(e) = error {
+            h.reconnects += 1;
+            h.error = Some(e);
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.written.send_modify(|w| w.up = up);
+    }
+
+    fn confirmed(&self, id: EventId) {
+        self.written
+            .send_modify(|w| w.confirmed = w.confirmed.max(id.as_u64()));
+    }
+
+    /// Connects `S`, retrying with backoff until it works or `stop`.
+    async fn connect<S: Store>(
+        &self,
+        options: &Options,
+        failures: &mut u32,
+        stop: &CancellationToken,
+        role: Role,
+    ) -> Option<S> {
+        loop {
+            if *failures > 0 {
+                let wait = backoff(*failures);
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            let attempt = tokio::time::timeout(options.timeout, S::connect(options, &self.name));
+            let r = tokio::select! {
+                () = stop.cancelled() => return None,
+                r = attempt => r,
+            };
+            match r {
+                Ok(Ok(s)) => return Some(s),
+                Ok(Err(e)) => self.failed(role, failures, &e.to_string()),
+                Err(_) => self.failed(role, failures, "connect: timed out"),
+            }
+        }
+    }
+
+    fn failed(&self, role: Role, failures: &mut u32, e: &str) {
+        *failures = failures.saturating_add(1);
+        let e = format!("{}: {e}", self.kind);
+        if *failures == 1 {
+            tracing::warn!(backplane = self.kind, role = role.name(), error = %e, "backplane unavailable; retrying with backoff");
+        } else {
+            tracing::debug!(backplane = self.kind, role = role.name(), error = %e, "backplane still unavailable");
+        }
+        match role {
+            Role::Writer => {
+                self.set_up(false);
+                self.set(Some("retrying"), None, Some(e));
+            }
+            Role::Reader => self.set(None, Some("retrying"), Some(e)),
+        }
+    }
+
+    /// Writes this node's own events: whatever the backend lacks after
+    /// (re)connecting, then live, in batches.
+    async fn write_loop<S: Store>(self: Arc<Self>, options: Options, stop: CancellationToken) {
+        // Subscribed before anything is read, so nothing falls between.
+        let mut live = self.hub.applied();
+        let mut failures = 0u32;
+        while let Some(mut store) = self
+            .connect::<S>(&options, &mut failures, &stop, Role::Writer)
+            .await
+        {
+            let r = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.write_connected(&mut store, &mut live, &mut failures) => r,
+            };
+            match r {
+                Ok(()) => return,
+                Err(e) => self.failed(Role::Writer, &mut failures, &e.to_string()),
+            }
+        }
+    }
+
+    async fn write_connected<S: Store>(
+        &self,
+        store: &mut S,
+        live: &mut tokio::sync::broadcast::Receiver<SharedEvent>,
+        failures: &mut u32,
+    ) -> Result<(), Error> {
+        let mut last = self.call(store.last_own()).await?;
+        *failures = 0;
+        self.hub.observe_own(last);
+        // What the backend lacks (all of it, if it lost its data).
+        let mut batch = self.hub.own_events_after(last);
+        let mut idle = tokio::time::interval(READ_BLOCK);
+        idle.reset();
+        loop {
+            batch.retain(|e| e.id > last);
+            for chunk in batch.chunks(MAX_BATCH) {
+                self.call(store.write(chunk)).await?;
+                if let Some(e) = chunk.last() {
+                    last = e.id;
+                    self.written_count
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+            batch.clear();
+            self.confirmed(last);
+            if !self.up() {
+                self.set_up(true);
+                self.set(Some("connected"), None, None);
+                tracing::info!(backplane = self.kind, "backplane writer connected");
+            }
+            tokio::select! {
+                r = live.recv() => match r {
+                    Ok(ev) => batch.push(ev),
+                    Err(RecvError::Lagged(_)) => batch = self.hub.own_events_after(last),
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+                _ = idle.tick() => {
+                    self.call(store.ping()).await?;
+                    continue;
+                }
+            }
+            // Everything already waiting goes in the same batch.
+            while batch.len() < MAX_BATCH {
+                match live.try_recv() {
+                    Ok(ev) => batch.push(ev),
+                    Err(TryRecvError::Lagged(_)) => {
+                        batch = self.hub.own_events_after(last);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            idle.reset();
+        }
+    }
+
+    /// A backend call bounded by the timeout.
+    async fn call<T>(&self, f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .unwrap_or_else(|_| Err(Error::Backend(format!("no answer within {:?}", self.timeout))))
+    }
+
+    /// Loads the snapshot once, then reads every other origin's events.
+    async fn read_loop<S: Store>(self: Arc<Self>, options: Options, stop: CancellationToken) {
+        let mut cursor = S::Cursor::default();
+        let mut failures = 0u32;
+        while let Some(mut store) = self
+            .connect::<S>(&options, &mut failures, &stop, Role::Reader)
+            .await
+        {
+            let r = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.read_connected(&mut store, &mut cursor, &mut failures) => r,
+            };
+            if let Err(e) = r {
+                self.failed(Role::Reader, &mut failures, &e.to_string());
+            }
+        }
+    }
+
+    async fn read_connected<S: Store>(
+        &self,
+        store: &mut S,
+        cursor: &mut S::Cursor,
+        failures: &mut u32,
+    ) -> Result<(), Error> {
+        if !self.ready() {
+            let lines = self.call(store.snapshot(cursor)).await?;
+            let n = crate::cluster::apply_all(&self.hub, &self.name, lines);
+            tracing::info!(backplane = self.kind, events = n, "loaded the snapshot from the backplane");
+            self.ready.store(true, Ordering::Release);
+        }
+        self.set(None, Some("connected"), None);
+        *failures = 0;
+        loop {
+            let position = self.hub.position();
+            let lines = self
+                .call(store.read(&position, cursor))
+                .await?;
+            for l in lines {
+                if crate::cluster::apply(&self.hub, &self.name, l) {
+                    self.applied.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Writer,
+    Reader,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Writer => "writer",
+            Self::Reader => "reader",
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: 100 ms doubling to 5 s.
+fn backoff(failures: u32) -> Duration {
+    let cap = Duration::from_millis(100)
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(5));
+    cap.mul_f64(rand::random::<f64>().max(0.2))
+}
+
+/// A URL without its password, for logs and `/status`.
+pub fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, host) = match rest.split_once('@') {
+                Some((auth, host)) if !auth.contains('/') => (Some(auth), host),
+                _ => (None, rest),
+            };
+            match auth {
+                // `user:password`, or a token alone: only a user shows.
+                Some(a) => match a.split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                    None => format!("{scheme}://***@{host}"),
+                },
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact("redis://:hunter2@127.0.0.1:6379"),
+            "redis://:***@127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact("nats://app:hunter2@nats:4222"),
+            "nats://app:***@nats:4222"
+        );
+        assert_eq!(redact("nats://s3cret@nats:4222"), "nats://***@nats:4222");
+        assert!(!redact("rediss://u:p%40ss@h/").contains("p%40ss"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(100));
+        assert!(backoff(30) <= Duration::from_secs(5));
+        assert!(backoff(30) >= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,286 @@
+//! The Redis backplane: one Redis Stream per origin.
+//!
+//! Keys (under `--backplane-prefix`, default `herald`):
+//!
+//! - `P:stream:ORIGIN`: the origin's events, entry id `ID-0` where ID is
+//!   the event's id, so a reader resumes from its position with `XREAD`
+//!   and a rewrite after a reconnection can never reorder or duplicate
+//!   (Redis refuses ids at or below the top). Trimmed by time to the
+//!   history TTL (`MINID ~`: ids are microsecond clocks);
+//! - `P:retained:ORIGIN`: a hash channel → the origin's newest retained
+//!   event, kept past the stream's trimming (one writer per origin, so a
+//!   plain `HSET` in id order is enough);
+//! - `P:origins`: the set of origins, and `P:joins`, a short stream a
+//!   node adds to when it starts, so readers blocked in `XREAD` wake up
+//!   and read the new origin at once.
+//!
+//! Streams, not pub/sub: pub/sub forgets what a disconnected node missed,
+//! and history would need a second structure anyway.
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, Value};
+
+use super::{Error, Options, READ_BLOCK, Store};
+use crate::cluster::Line;
+use crate::hub::{EventId, Position, SharedEvent};
+
+/// Entries read per `XRANGE`/`XREAD` call.
+const PAGE: usize = 1000;
+
+/// A connection to Redis.
+pub struct Redis {
+    conn: MultiplexedConnection,
+    prefix: String,
+    me: String,
+    ttl_micros: u64,
+}
+
+/// Where a Redis reader is: in the joins stream, and the last entry read
+/// of each origin (ahead of the position when an entry was skipped).
+#[derive(Debug, Default)]
+pub struct Cursor {
+    joins: Option<String>,
+    read: std::collections::HashMap<String, u64>,
+}
+
+impl Redis {
+    fn stream(&self, origin: &str) -> String {
+        format!("{}:stream:{origin}", self.prefix)
+    }
+
+    fn retained(&self, origin: &str) -> String {
+        format!("{}:retained:{origin}", self.prefix)
+    }
+
+    fn origins_key(&self) -> String {
+        format!("{}:origins", self.prefix)
+    }
+
+    fn joins(&self) -> String {
+        format!("{}:joins", self.prefix)
+    }
+
+    async fn origins(&mut self) -> Result<Vec<String>, Error> {
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.origins_key())
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Error::backend)?;
+        v.retain(|o| crate::hub::valid_origin(o));
+        v.sort();
+        Ok(v)
+    }
+
+    async fn last_entry(&mut self, key: &str) -> Result<Option<String>, Error> {
+        let r: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Error::backend)?;
+        Ok(r.ids.into_iter().next().map(|e| e.id))
+    }
+}
+
+/// The event id of a stream entry id `ID-0`.
+fn entry_id(id: &str) -> Result<EventId, Error> {
+    id.split_once('-')
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .map(EventId::from_u64)
+        .ok_or_else(|| Error::Data(format!("stream entry id {id:?}")))
+}
+
+/// The line in an entry's `l` field (or a hash value); `None`, logged, if
+/// it is not one herald wrote (it is skipped, never retried forever).
+fn line(v: Value) -> Option<Line> {
+    let parsed = redis::from_redis_value::<Vec<u8>>(v)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Line>(&b).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %Error::Data(e), "skipping an entry herald did not write");
+            None
+        }
+    }
+}
+
+fn lines_of(entries: Vec<redis::streams::StreamId>) -> impl Iterator<Item = Line> {
+    entries
+        .into_iter()
+        .filter_map(|mut e| e.map.remove("l"))
+        .filter_map(line)
+}
+
+impl Store for Redis {
+    const KIND: &'static str = "redis";
+    type Cursor = Cursor;
+
+    async fn connect(options: &Options, me: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(options.url.expose()).map_err(Error::backend)?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(options.timeout))
+            // A blocked XREAD answers within READ_BLOCK.
+            .set_response_timeout(Some(options.timeout + READ_BLOCK));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(Error::backend)?;
+        Ok(Self {
+            conn,
+            prefix: options.prefix.clone(),
+            me: me.to_owned(),
+            ttl_micros: u64::try_from(options.history_ttl.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    async fn last_own(&mut self) -> Result<EventId, Error> {
+        // Announce this origin (readers pick it up), then find its top.
+        let me = self.me.clone();
+        redis::pipe()
+            .cmd("SADD")
+            .arg(self.origins_key())
+            .arg(&me)
+            .ignore()
+            .cmd("XADD")
+            .arg(self.joins())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100)
+            .arg("*")
+            .arg("node")
+            .arg(&me)
+            .ignore()
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(Error::backend)?;
+        let key = self.stream(&me);
+        match self.last_entry(&key).await? {
+            Some(id) => entry_id(&id),
+            None => Ok(EventId::from_u64(0)),
+        }
+    }
+
+    async fn write(&mut self, events: &[SharedEvent]) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        for ev in events {
+            let Some(l) = Line::of(ev) else { continue };
+            let json = serde_json::to_vec(&l).map_err(|e| Error::Data(e.to_string()))?;
+            let cutoff = ev.id.as_u64().saturating_sub(self.ttl_micros);
+            pipe.cmd("XADD")
+                .arg(self.stream(&l.origin))
+                .arg("MINID")
+                .arg("~")
+                .arg(format!("{cutoff}-0"))
+                .arg(format!("{}-0", ev.id.as_u64()))
+                .arg("l")
+                .arg(&json)
+                .ignore();
+            if ev.retain {
+                pipe.cmd("HSET")
+                    .arg(self.retained(&l.origin))
+                    .arg(&l.channel)
+                    .arg(&json)
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(Error::backend)
+    }
+
+    async fn ping(&mut self) -> Result<(), Error> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(Error::backend)
+    }
+
+    async fn snapshot(&mut self, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
+        // Where the joins stream is now: reading goes on from there.
+        let joins = self.joins();
+        cursor.joins = Some(self.last_entry(&joins).await?.unwrap_or_else(|| "0-0".into()));
+        let mut out = vec![];
+        for origin in self.origins().await? {
+            let retained: Vec<Value> = redis::cmd("HVALS")
+                .arg(self.retained(&origin))
+                .query_async(&mut self.conn)
+                .await
+                .map_err(Error::backend)?;
+            out.extend(retained.into_iter().filter_map(line));
+            let key = self.stream(&origin);
+            let mut start = "-".to_owned();
+            loop {
+                let page: StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(Error::backend)?;
+                let n = page.ids.len();
+                if let Some(last) = page.ids.last() {
+                    start = format!("({}", last.id);
+                }
+                out.extend(lines_of(page.ids));
+                if n < PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read(&mut self, position: &Position, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
+        let origins: Vec<String> = self
+            .origins()
+            .await?
+            .into_iter()
+            .filter(|o| *o != self.me)
+            .collect();
+        let joins = self.joins();
+        let joins_from = match &cursor.joins {
+            Some(j) => j.clone(),
+            None => self.last_entry(&joins).await?.unwrap_or_else(|| "0-0".into()),
+        };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(PAGE)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&joins);
+        for o in &origins {
+            cmd.arg(self.stream(o));
+        }
+        cmd.arg(&joins_from);
+        for o in &origins {
+            let read = cursor.read.get(o).copied().unwrap_or(0);
+            cmd.arg(format!("{}-0", position.get(o).as_u64().max(read)));
+        }
+        let reply: Option<StreamReadReply> =
+            cmd.query_async(&mut self.conn).await.map_err(Error::backend)?;
+        cursor.joins = Some(joins_from);
+        let mut out = vec![];
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            if key.key == joins {
+                if let Some(last) = key.ids.last() {
+                    cursor.joins = Some(last.id.clone());
+                }
+            } else {
+                let origin = key.key.rsplit(':').next().unwrap_or_default().to_owned();
+                if let Some(Ok(last)) = key.ids.last().map(|e| entry_id(&e.id)) {
+                    cursor.read.insert(origin, last.as_u64());
+                }
+                out.extend(lines_of(key.ids));
+            }
+        }
+        Ok(out)
+    }
+}
