@@ -220,25 +220,26 @@ impl App {
                 &shutdown,
             )
         });
-        let backplane = config
-            .cluster
-            .backplane(config.history_ttl)
-            .map(|options| match config.cluster.mode {
-                cluster::Mode::Nats => Backplane::start::<backplane::Nats>(
-                    &config.node_name,
-                    &hub,
-                    &options,
-                    &tasks,
-                    &shutdown,
-                ),
-                _ => Backplane::start::<backplane::Redis>(
-                    &config.node_name,
-                    &hub,
-                    &options,
-                    &tasks,
-                    &shutdown,
-                ),
-            });
+        let backplane =
+            config
+                .cluster
+                .backplane(config.history_ttl)
+                .map(|options| match config.cluster.mode {
+                    cluster::Mode::Nats => Backplane::start::<backplane::Nats>(
+                        &config.node_name,
+                        &hub,
+                        &options,
+                        &tasks,
+                        &shutdown,
+                    ),
+                    _ => Backplane::start::<backplane::Redis>(
+                        &config.node_name,
+                        &hub,
+                        &options,
+                        &tasks,
+                        &shutdown,
+                    ),
+                });
         if let Some(b) = &backplane {
             tracing::info!(mode = ?config.cluster.mode, url = %b.url(), "sharing channels through the backplane");
         }

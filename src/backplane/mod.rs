@@ -71,9 +71,7 @@ impl Error {
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     /// The backend is unreachable: nothing was published.
-    #[error(
-        "the {kind} backplane is unavailable ({why}); nothing was published, retry later"
-    )]
+    #[error("the {kind} backplane is unavailable ({why}); nothing was published, retry later")]
     Unavailable {
         /// `redis` or `nats`.
         kind: &'static str,
@@ -206,7 +204,10 @@ impl Backplane {
             applied: AtomicU64::new(0),
             written_count: AtomicU64::new(0),
         });
-        tasks.spawn(bp.clone().write_loop::<S>(options.clone(), shutdown.clone()));
+        tasks.spawn(
+            bp.clone()
+                .write_loop::<S>(options.clone(), shutdown.clone()),
+        );
         tasks.spawn(bp.clone().read_loop::<S>(options.clone(), shutdown.clone()));
         bp
     }
@@ -284,7 +285,12 @@ impl Backplane {
         })
     }
 
-    fn set(&self, writer: Option<&'static str>, reader: Option<&'static str>, error: Option<String>) {
+    fn set(
+        &self,
+        writer: Option<&'static str>,
+        reader: Option<&'static str>,
+        error: Option<String>,
+    ) {
         let mut h = self.health.lock();
         if let Some(w) = writer {
             h.writer = w;
@@ -434,7 +440,12 @@ impl Backplane {
     async fn call<T>(&self, f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
         tokio::time::timeout(self.timeout, f)
             .await
-            .unwrap_or_else(|_| Err(Error::Backend(format!("no answer within {:?}", self.timeout))))
+            .unwrap_or_else(|_| {
+                Err(Error::Backend(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            })
     }
 
     /// Loads the snapshot once, then reads every other origin's events.
@@ -464,16 +475,18 @@ impl Backplane {
         if !self.ready() {
             let lines = self.call(store.snapshot(cursor)).await?;
             let n = crate::cluster::apply_all(&self.hub, &self.name, lines);
-            tracing::info!(backplane = self.kind, events = n, "loaded the snapshot from the backplane");
+            tracing::info!(
+                backplane = self.kind,
+                events = n,
+                "loaded the snapshot from the backplane"
+            );
             self.ready.store(true, Ordering::Release);
         }
         self.set(None, Some("connected"), None);
         *failures = 0;
         loop {
             let position = self.hub.position();
-            let lines = self
-                .call(store.read(&position, cursor))
-                .await?;
+            let lines = self.call(store.read(&position, cursor)).await?;
             for l in lines {
                 if crate::cluster::apply(&self.hub, &self.name, l) {
                     self.applied.fetch_add(1, Ordering::Relaxed);
@@ -533,7 +546,10 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        assert_eq!(redact("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
         assert_eq!(
             redact("redis://:hunter2@127.0.0.1:6379"),
             "redis://:***@127.0.0.1:6379"

@@ -45,10 +45,11 @@ pub struct Cursor {
 }
 
 fn hex(s: &str) -> String {
-    s.bytes().fold(String::with_capacity(s.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    s.bytes()
+        .fold(String::with_capacity(s.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 impl Nats {
@@ -70,12 +71,11 @@ impl Nats {
             other => Err(Error::Backend(format!("connection {other}"))),
         }
     }
-
 }
 
 async fn info(js: &jetstream::Context, stream: &str) -> Result<stream::Info, Error> {
     let mut s = js.get_stream(stream).await.map_err(Error::backend)?;
-    s.info().await.map(|i| i.clone()).map_err(Error::backend)
+    s.info().await.cloned().map_err(Error::backend)
 }
 
 /// An ordered consumer of `stream`, filtered to `filter`.
@@ -190,8 +190,15 @@ impl Store for Nats {
     }
 
     async fn last_own(&mut self) -> Result<EventId, Error> {
-        let s = self.js.get_stream(self.events()).await.map_err(Error::backend)?;
-        match s.get_last_raw_message_by_subject(&self.subject(&self.me)).await {
+        let s = self
+            .js
+            .get_stream(self.events())
+            .await
+            .map_err(Error::backend)?;
+        match s
+            .get_last_raw_message_by_subject(&self.subject(&self.me))
+            .await
+        {
             Ok(m) => line(&m.payload)
                 .and_then(|l| l.id.parse::<EventId>().ok())
                 .ok_or_else(|| Error::Data("the newest own event is not herald's".into())),
@@ -207,9 +214,8 @@ impl Store for Nats {
         let mut acks = Vec::with_capacity(events.len());
         for ev in events {
             let Some(l) = Line::of(ev) else { continue };
-            let json = bytes::Bytes::from(
-                serde_json::to_vec(&l).map_err(|e| Error::Data(e.to_string()))?,
-            );
+            let json =
+                bytes::Bytes::from(serde_json::to_vec(&l).map_err(|e| Error::Data(e.to_string()))?);
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("{}:{}", l.origin, l.id).as_str());
             acks.push(
@@ -263,7 +269,11 @@ impl Store for Nats {
         Ok(out)
     }
 
-    async fn read(&mut self, _position: &Position, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
+    async fn read(
+        &mut self,
+        _position: &Position,
+        cursor: &mut Cursor,
+    ) -> Result<Vec<Line>, Error> {
         if self.consumer.is_none() {
             let js = self.js.clone();
             let events = self.events();
@@ -271,7 +281,9 @@ impl Store for Nats {
             let created = info.created.unix_timestamp_nanos();
             if cursor.created != Some(created) {
                 if cursor.created.is_some() {
-                    tracing::warn!("the NATS events stream was created again (its data was lost); reading it from the start");
+                    tracing::warn!(
+                        "the NATS events stream was created again (its data was lost); reading it from the start"
+                    );
                 }
                 cursor.created = Some(created);
                 cursor.next = 1;

@@ -203,7 +203,11 @@ impl Store for Redis {
     async fn snapshot(&mut self, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
         // Where the joins stream is now: reading goes on from there.
         let joins = self.joins();
-        cursor.joins = Some(self.last_entry(&joins).await?.unwrap_or_else(|| "0-0".into()));
+        cursor.joins = Some(
+            self.last_entry(&joins)
+                .await?
+                .unwrap_or_else(|| "0-0".into()),
+        );
         let mut out = vec![];
         for origin in self.origins().await? {
             let retained: Vec<Value> = redis::cmd("HVALS")
@@ -247,7 +251,10 @@ impl Store for Redis {
         let joins = self.joins();
         let joins_from = match &cursor.joins {
             Some(j) => j.clone(),
-            None => self.last_entry(&joins).await?.unwrap_or_else(|| "0-0".into()),
+            None => self
+                .last_entry(&joins)
+                .await?
+                .unwrap_or_else(|| "0-0".into()),
         };
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
@@ -264,8 +271,10 @@ impl Store for Redis {
             let read = cursor.read.get(o).copied().unwrap_or(0);
             cmd.arg(format!("{}-0", position.get(o).as_u64().max(read)));
         }
-        let reply: Option<StreamReadReply> =
-            cmd.query_async(&mut self.conn).await.map_err(Error::backend)?;
+        let reply: Option<StreamReadReply> = cmd
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Error::backend)?;
         cursor.joins = Some(joins_from);
         let mut out = vec![];
         for key in reply.map(|r| r.keys).unwrap_or_default() {

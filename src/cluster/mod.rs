@@ -177,10 +177,7 @@ impl Options {
     }
 
     /// Redis and NATS modes: the backplane's options.
-    pub fn backplane(
-        &self,
-        history_ttl: Duration,
-    ) -> Option<crate::backplane::Options> {
+    pub fn backplane(&self, history_ttl: Duration) -> Option<crate::backplane::Options> {
         let url = match self.mode {
             Mode::Redis => self.redis_url.clone()?,
             Mode::Nats => self.nats_url.clone()?,
@@ -306,11 +303,10 @@ impl Options {
                         "--cluster nats needs --nats-url nats://HOST:PORT".into(),
                     ));
                 };
-                let ok = url.expose().split(',').all(|u| {
-                    u.trim()
-                        .parse::<async_nats::ServerAddr>()
-                        .is_ok()
-                });
+                let ok = url
+                    .expose()
+                    .split(',')
+                    .all(|u| u.trim().parse::<async_nats::ServerAddr>().is_ok());
                 if !ok {
                     return Err((
                         "--nats-url",

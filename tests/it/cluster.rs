@@ -76,28 +76,45 @@ async fn peers_on(public: u16) -> Option<Vec<(String, String, String)>> {
     )
 }
 
-struct Node {
-    name: String,
-    public: u16,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) public: u16,
     internal: u16,
     child: Option<Child>,
 }
 
 impl Node {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.public)
     }
 }
 
-struct Cluster {
-    nodes: Vec<Node>,
+/// What carries a cluster's events.
+#[derive(Clone)]
+pub(crate) enum Via {
+    /// The mesh: a static list of peers.
+    Mesh,
+    /// A Redis backplane at this URL.
+    Redis(String),
+    /// A NATS backplane at this URL.
+    Nats(String),
+}
+
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<Node>,
     peers: String,
+    via: Via,
 }
 
 impl Cluster {
     /// `n` nodes that list each other (themselves included, as a shared
     /// static list would).
     async fn start(n: usize) -> Self {
+        Self::start_via(n, Via::Mesh).await
+    }
+
+    /// `n` nodes sharing channels through `via`.
+    pub(crate) async fn start_via(n: usize, via: Via) -> Self {
         let nodes: Vec<Node> = (0..n)
             .map(|i| Node {
                 name: format!("n{i}"),
@@ -111,7 +128,7 @@ impl Cluster {
             .map(|n| format!("127.0.0.1:{}", n.internal))
             .collect::<Vec<_>>()
             .join(",");
-        let mut c = Self { nodes, peers };
+        let mut c = Self { nodes, peers, via };
         for i in 0..n {
             c.spawn(i);
         }
@@ -121,8 +138,41 @@ impl Cluster {
         c
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// `n` nodes through `via`, once they answer (ready or not).
+    pub(crate) async fn start_via_unready(n: usize, via: Via) -> Self {
+        let nodes = (0..n)
+            .map(|i| Node {
+                name: format!("n{i}"),
+                public: free_port(),
+                internal: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut c = Self {
+            nodes,
+            peers: String::new(),
+            via,
+        };
+        for i in 0..n {
+            c.spawn(i);
+            let url = c.nodes[i].url("/healthz");
+            let h = http();
+            eventually(|| {
+                let (h, url) = (h.clone(), url.clone());
+                async move { h.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+            })
+            .await;
+        }
+        c
+    }
+
+    pub(crate) fn spawn(&mut self, i: usize) {
         let n = &mut self.nodes[i];
+        let (mode, flag, target) = match &self.via {
+            Via::Mesh => ("static", "--peers", self.peers.clone()),
+            Via::Redis(url) => ("redis", "--redis-url", url.clone()),
+            Via::Nats(url) => ("nats", "--nats-url", url.clone()),
+        };
         let child = Command::new(BIN)
             .args([
                 "serve",
@@ -133,9 +183,9 @@ impl Cluster {
                 "--node-name",
                 &n.name,
                 "--cluster",
-                "static",
-                "--peers",
-                &self.peers,
+                mode,
+                flag,
+                &target,
                 "--peer-timeout",
                 "2s",
                 "--heartbeat",
@@ -145,7 +195,7 @@ impl Cluster {
         n.child = Some(child);
     }
 
-    async fn ready(&self, i: usize) {
+    pub(crate) async fn ready(&self, i: usize) {
         let url = self.nodes[i].url("/readyz");
         let h = http();
         eventually(|| {
@@ -155,7 +205,7 @@ impl Cluster {
         .await;
     }
 
-    async fn publish(&self, i: usize, channel: &str, data: &str) {
+    pub(crate) async fn publish(&self, i: usize, channel: &str, data: &str) {
         let r = http()
             .post(self.nodes[i].url(&format!("/channel/{channel}")))
             .body(data.to_owned())
@@ -165,7 +215,7 @@ impl Cluster {
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
     }
 
-    async fn sse(&self, i: usize, channel: &str, last_event_id: Option<&str>) -> Sse {
+    pub(crate) async fn sse(&self, i: usize, channel: &str, last_event_id: Option<&str>) -> Sse {
         let mut req = http().get(self.nodes[i].url(&format!("/channel/{channel}")));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
@@ -178,7 +228,7 @@ impl Cluster {
         )
     }
 
-    fn signal(&self, i: usize, sig: &str) {
+    pub(crate) fn signal(&self, i: usize, sig: &str) {
         let pid = self.nodes[i]
             .child
             .as_ref()
@@ -195,7 +245,7 @@ impl Cluster {
         );
     }
 
-    async fn kill(&mut self, i: usize) {
+    pub(crate) async fn kill(&mut self, i: usize) {
         self.signal(i, "-KILL");
         if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.wait().await;
@@ -204,7 +254,7 @@ impl Cluster {
 }
 
 /// Reads `n` events; returns (data, id) pairs.
-async fn read(sub: &mut Sse, n: usize) -> Vec<(String, String)> {
+pub(crate) async fn read(sub: &mut Sse, n: usize) -> Vec<(String, String)> {
     let mut out = vec![];
     while out.len() < n {
         let ev = sub.next().await;
@@ -215,7 +265,7 @@ async fn read(sub: &mut Sse, n: usize) -> Vec<(String, String)> {
 
 /// Asserts that the next event is a marker published now (so nothing else
 /// was pending: no duplicate, nothing extra).
-async fn assert_next_is_marker(
+pub(crate) async fn assert_next_is_marker(
     c: &Cluster,
     node: usize,
     sub: &mut Sse,
@@ -242,8 +292,8 @@ fn check_exactly_once_in_order(got: &[(String, String)], publishers: usize, per:
     }
 }
 
-async fn every_event_everywhere_once(n: usize, per: usize) {
-    let c = Cluster::start(n).await;
+pub(crate) async fn every_event_everywhere_once(n: usize, per: usize, via: Via) {
+    let c = Cluster::start_via(n, via).await;
     let mut subs = vec![];
     for i in 0..n {
         subs.push(c.sse(i, "c", None).await);
@@ -294,17 +344,21 @@ async fn every_event_everywhere_once(n: usize, per: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
-    every_event_everywhere_once(3, 10).await;
+    every_event_everywhere_once(3, 10, Via::Mesh).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
-    every_event_everywhere_once(5, 4).await;
+    every_event_everywhere_once(5, 4, Via::Mesh).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_catches_up_and_a_stopped_node_delays_no_one() {
-    let mut c = Cluster::start(3).await;
+    killed_node_catches_up(Via::Mesh).await;
+}
+
+pub(crate) async fn killed_node_catches_up(via: Via) {
+    let mut c = Cluster::start_via(3, via).await;
     let mut s0 = c.sse(0, "k", None).await;
     c.publish(0, "k", "before").await;
     let (_, before_id) = read(&mut s0, 1).await.remove(0);
@@ -346,7 +400,11 @@ async fn a_killed_node_catches_up_and_a_stopped_node_delays_no_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_node_backfills_history_and_retained_values_before_it_is_ready() {
-    let mut c = Cluster::start(3).await;
+    late_node_backfills(Via::Mesh).await;
+}
+
+pub(crate) async fn late_node_backfills(via: Via) {
+    let mut c = Cluster::start_via(3, via).await;
     c.kill(2).await;
     let r = http()
         .post(c.nodes[0].url("/channel/app.version?retain=true&event=version"))

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod assets;
+mod backplane;
 mod bench;
 mod cli;
 mod cluster;

@@ -1,0 +1,565 @@
+//! Redis and NATS backplanes against real servers (Debian's `redis-server`
+//! and `nats-server`, which `scripts/test` installs): each test starts its
+//! own server on a free loopback port, restarts or kills it by PID, and
+//! runs the mesh's delivery, resume and retained-value checks on it.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::cluster::{
+    Cluster, Via, assert_next_is_marker, every_event_everywhere_once, killed_node_catches_up,
+    late_node_backfills,
+};
+use crate::support::{WAIT, eventually, free_port, http, tempdir};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Redis,
+    Nats,
+}
+
+/// A backend server process of the test's own.
+struct Server {
+    kind: Kind,
+    port: u16,
+    /// NATS: the monitoring port.
+    monitor: u16,
+    dir: std::path::PathBuf,
+    /// Extra arguments (a password, JetStream off).
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+fn binary(name: &str) -> String {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = format!("{dir}/{name}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: scripts/test installs it (apt-get install {name})");
+}
+
+impl Server {
+    async fn start(kind: Kind) -> Self {
+        Self::start_with(kind, &[]).await
+    }
+
+    async fn start_with(kind: Kind, extra: &[&str]) -> Self {
+        let mut s = Self {
+            kind,
+            port: free_port(),
+            monitor: free_port(),
+            dir: tempdir(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn();
+        s.wait_up().await;
+        s
+    }
+
+    /// A server that is not running yet, on a reserved port.
+    fn later(kind: Kind) -> Self {
+        Self {
+            kind,
+            port: free_port(),
+            monitor: free_port(),
+            dir: tempdir(),
+            extra: vec![],
+            child: None,
+        }
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            Kind::Redis => {
+                let mut c = Command::new(binary("redis-server"));
+                // No persistence: a restart loses everything, the worst case.
+                c.args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
+                    .args(["--appendonly", "no", "--dir"])
+                    .arg(&self.dir);
+                c
+            }
+            Kind::Nats => {
+                let mut c = Command::new(binary("nats-server"));
+                c.args(["-a", "127.0.0.1", "-p", &port, "-m"])
+                    .arg(self.monitor.to_string());
+                if !self.extra.iter().any(|a| a == "--no-jetstream") {
+                    c.arg("-js").arg("-sd").arg(&self.dir);
+                }
+                c
+            }
+        };
+        cmd.args(self.extra.iter().filter(|a| *a != "--no-jetstream"));
+        self.child = Some(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    async fn wait_up(&self) {
+        let (kind, port, monitor) = (self.kind, self.port, self.monitor);
+        eventually(|| async move {
+            match kind {
+                Kind::Redis => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok(),
+                Kind::Nats => http()
+                    .get(format!("http://127.0.0.1:{monitor}/varz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200),
+            }
+        })
+        .await;
+    }
+
+    fn url(&self) -> String {
+        match self.kind {
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Nats => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn via(&self) -> Via {
+        match self.kind {
+            Kind::Redis => Via::Redis(self.url()),
+            Kind::Nats => Via::Nats(self.url()),
+        }
+    }
+
+    /// SIGKILL, by PID.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().unwrap();
+            c.wait().await.unwrap();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.spawn();
+        self.wait_up().await;
+    }
+
+    /// Connections from herald nodes (named clients), and for NATS the
+    /// subscriptions they hold.
+    async fn herald_connections(&self) -> (usize, usize) {
+        match self.kind {
+            Kind::Redis => {
+                let list = redis(self.port, &["CLIENT".into(), "LIST".into()]).await;
+                // Every connection but this one.
+                (list.lines().filter(|l| l.contains("id=")).count() - 1, 0)
+            }
+            Kind::Nats => {
+                let v: serde_json::Value = http()
+                    .get(format!("http://127.0.0.1:{}/connz?subs=1", self.monitor))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let conns = v["connections"].as_array().cloned().unwrap_or_default();
+                let herald: Vec<_> = conns
+                    .iter()
+                    .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("herald ")))
+                    .collect();
+                let subs = herald
+                    .iter()
+                    .map(|c| c["subscriptions"].as_u64().unwrap_or(0) as usize)
+                    .sum();
+                (herald.len(), subs)
+            }
+        }
+    }
+}
+
+/// One Redis command over RESP; the reply as text.
+async fn redis(port: u16, args: &[String]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    r.read_line(&mut head).await.unwrap();
+    match head.strip_prefix('$') {
+        Some(n) => {
+            let n: usize = n.trim().parse().unwrap_or(0);
+            let mut body = vec![0; n + 2];
+            r.read_exact(&mut body).await.unwrap();
+            String::from_utf8_lossy(&body[..n]).into_owned()
+        }
+        None => head,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    let s = Server::start(Kind::Redis).await;
+    every_event_everywhere_once(2, 6, s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_three_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    let s = Server::start(Kind::Redis).await;
+    every_event_everywhere_once(3, 8, s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_two_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    let s = Server::start(Kind::Nats).await;
+    every_event_everywhere_once(2, 6, s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_three_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
+    let s = Server::start(Kind::Nats).await;
+    every_event_everywhere_once(3, 8, s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_late_node_loads_history_and_retained_values_before_it_is_ready() {
+    let s = Server::start(Kind::Redis).await;
+    late_node_backfills(s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_late_node_loads_history_and_retained_values_before_it_is_ready() {
+    let s = Server::start(Kind::Nats).await;
+    late_node_backfills(s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_restarted_hub_node_catches_up_and_a_stopped_one_delays_no_one() {
+    let s = Server::start(Kind::Redis).await;
+    killed_node_catches_up(s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_restarted_hub_node_catches_up_and_a_stopped_one_delays_no_one() {
+    let s = Server::start(Kind::Nats).await;
+    killed_node_catches_up(s.via()).await;
+}
+
+/// The answers so far, by publish number.
+type Log = Vec<(usize, Answer)>;
+
+/// How a publish was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Accepted,
+    /// 503, nothing published.
+    Refused,
+    /// 503, delivered here but not confirmed by the backend.
+    Unconfirmed,
+}
+
+async fn publish_answer(url: &str, data: &str) -> Answer {
+    let r = http().post(url).body(data.to_owned()).send().await.unwrap();
+    match r.status().as_u16() {
+        202 => Answer::Accepted,
+        503 => {
+            assert_eq!(
+                r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+            let msg = r.json::<serde_json::Value>().await.unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            if msg.contains("nothing was published") {
+                Answer::Refused
+            } else {
+                assert!(msg.contains("did not confirm"), "{msg}");
+                Answer::Unconfirmed
+            }
+        }
+        other => panic!("unexpected status {other}: {:?}", r.text().await),
+    }
+}
+
+/// A publisher on node 0 goes on while the backend is killed and started
+/// again: every event answered 202 reaches every subscriber on every node
+/// exactly once and in order, nothing refused with 503 ever arrives, and a
+/// node started after the restart has the whole history.
+async fn backend_restart_mid_stream(kind: Kind) {
+    let mut server = Server::start(kind).await;
+    let mut c = Cluster::start_via(4, server.via()).await;
+    c.kill(3).await;
+    let mut subs = vec![];
+    for i in 0..3 {
+        subs.push(c.sse(i, "live", None).await);
+    }
+    let url = c.nodes[0].url("/channel/live");
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<(usize, Answer)>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (url, stop) = (url.clone(), stop.clone());
+        async move {
+            let mut k = 0;
+            while !stop.is_cancelled() {
+                let a = publish_answer(&url, &format!("e-{k}")).await;
+                tx.send((k, a)).unwrap();
+                k += 1;
+                // A steady stream, not a synchronisation.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let mut log: Log = vec![];
+    let mut recv_until = async |log: &mut Log, done: &dyn Fn(&Log) -> bool| {
+        while !done(log) {
+            let a = tokio::time::timeout(WAIT, answers.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            log.push(a);
+        }
+    };
+    recv_until(&mut log, &|l| l.len() >= 30).await;
+    server.kill().await;
+    let killed_at = log.len();
+    // The node notices and refuses.
+    recv_until(&mut log, &|l| {
+        l[killed_at..]
+            .iter()
+            .filter(|(_, a)| *a == Answer::Refused)
+            .count()
+            >= 5
+    })
+    .await;
+    server.restart().await;
+    let restarted_at = log.len();
+    recv_until(&mut log, &|l| {
+        l[restarted_at..]
+            .iter()
+            .filter(|(_, a)| *a == Answer::Accepted)
+            .count()
+            >= 30
+    })
+    .await;
+    stop.cancel();
+    publisher.await.unwrap();
+    while let Ok(a) = answers.try_recv() {
+        log.push(a);
+    }
+    let accepted: Vec<String> = log
+        .iter()
+        .filter(|(_, a)| *a == Answer::Accepted)
+        .map(|(k, _)| format!("e-{k}"))
+        .collect();
+    let answer: HashMap<String, Answer> = log.iter().map(|(k, a)| (format!("e-{k}"), *a)).collect();
+    assert!(
+        log.iter().any(|(_, a)| *a == Answer::Refused),
+        "no publish was refused during the outage: {log:?}"
+    );
+    // The end marker, once the backend accepts again.
+    c.publish(0, "live", "end").await;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let mut got = vec![];
+        loop {
+            let ev = sub.next().await;
+            if ev.data == "end" {
+                break;
+            }
+            got.push(ev.data);
+        }
+        for d in &got {
+            assert_ne!(
+                answer.get(d),
+                Some(&Answer::Refused),
+                "node {i} delivered {d}, which was refused with 503"
+            );
+        }
+        let delivered_accepted: Vec<&String> = got
+            .iter()
+            .filter(|d| answer.get(*d) == Some(&Answer::Accepted))
+            .collect();
+        assert_eq!(
+            delivered_accepted,
+            accepted.iter().collect::<Vec<_>>(),
+            "node {i}: an event answered 202 was lost, repeated or reordered"
+        );
+        let mut unique = got.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "node {i} repeated an event");
+    }
+    // A node started now has everything accepted, from the backend.
+    c.spawn(3);
+    c.ready(3).await;
+    let mut late = c
+        .sse(3, "live", Some(&format!("{}=0", c.nodes[0].name)))
+        .await;
+    let mut got = vec![];
+    loop {
+        let ev = late.next().await;
+        if ev.data == "end" {
+            break;
+        }
+        if answer.get(&ev.data) == Some(&Answer::Accepted) {
+            got.push(ev.data);
+        }
+    }
+    assert_eq!(got, accepted, "the late node's history");
+    assert_next_is_marker(&c, 3, &mut late, "live", "after-late").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_stream_loses_no_accepted_event() {
+    backend_restart_mid_stream(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_stream_loses_no_accepted_event() {
+    backend_restart_mid_stream(Kind::Nats).await;
+}
+
+/// Subscribers cost the backend nothing: a node holds the same backend
+/// connections (and NATS subscriptions) with 0 and with 150 subscribers on
+/// 15 channels.
+async fn one_backend_subscription_per_node(kind: Kind) {
+    let server = Server::start(kind).await;
+    let c = Cluster::start_via(3, server.via()).await;
+    let before = server.herald_connections().await;
+    assert_eq!(before.0, 6, "a writer and a reader connection per node");
+    let mut subs = vec![];
+    for i in 0..3 {
+        for k in 0..50 {
+            subs.push((k % 15, c.sse(i, &format!("ch{}", k % 15), None).await));
+        }
+    }
+    c.publish(1, "ch3", "x").await;
+    for (ch, s) in &mut subs {
+        if *ch == 3 {
+            assert_eq!(s.next().await.data, "x");
+        }
+    }
+    assert_eq!(server.herald_connections().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_subscribers_add_no_backend_subscriptions() {
+    one_backend_subscription_per_node(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_subscribers_add_no_backend_subscriptions() {
+    one_backend_subscription_per_node(Kind::Nats).await;
+}
+
+async fn status(c: &Cluster, i: usize) -> serde_json::Value {
+    http()
+        .get(c.nodes[i].url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A node whose backend is not there yet: not ready, publishes refused
+/// with 503, the state in /status; ready and accepting once it is. The
+/// password in the URL never shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_node_waits_for_its_backend_and_never_shows_the_password() {
+    let mut server = Server::later(Kind::Redis);
+    server.extra = vec!["--requirepass".into(), "s3cret-pass".into()];
+    let url = format!("redis://:s3cret-pass@127.0.0.1:{}", server.port);
+    let mut c = Cluster::start_via_unready(1, Via::Redis(url)).await;
+    let r = http().get(c.nodes[0].url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("backplane"));
+    assert_eq!(
+        publish_answer(&c.nodes[0].url("/channel/a"), "x").await,
+        Answer::Refused
+    );
+    let st = status(&c, 0).await;
+    assert_eq!(st["cluster"]["backplane"]["publishing"], "refused");
+    assert!(!st.to_string().contains("s3cret-pass"), "{st}");
+    assert!(
+        st["cluster"]["backplane"]["url"]
+            .as_str()
+            .unwrap()
+            .contains(":***@")
+    );
+    server.restart().await;
+    c.ready(0).await;
+    let mut s = c.sse(0, "a", None).await;
+    c.publish(0, "a", "after").await;
+    assert_eq!(s.next().await.data, "after");
+    let st = status(&c, 0).await;
+    assert_eq!(st["cluster"]["backplane"]["writer"], "connected");
+    assert!(!st.to_string().contains("s3cret-pass"));
+    c.kill(0).await;
+}
+
+/// NATS without JetStream: herald says what is missing instead of running
+/// with weaker guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_without_jetstream_is_reported_and_refused() {
+    let server = Server::start_with(Kind::Nats, &["--no-jetstream"]).await;
+    let c = Cluster::start_via_unready(1, server.via()).await;
+    let h = http();
+    let url = c.nodes[0].url("/status");
+    eventually(|| {
+        let (h, url) = (h.clone(), url.clone());
+        async move {
+            let v: serde_json::Value = h.get(url).send().await.unwrap().json().await.unwrap();
+            v["cluster"]["backplane"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("JetStream"))
+        }
+    })
+    .await;
+    let r = h.get(c.nodes[0].url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        publish_answer(&c.nodes[0].url("/channel/a"), "x").await,
+        Answer::Refused
+    );
+}
+
+/// A 202 means the backend has the event: with Redis frozen (SIGSTOP), a
+/// publish is answered 503 once the confirmation times out, never 202,
+/// and publishing is accepted again once Redis runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_202_waits_for_the_backend() {
+    let server = Server::start(Kind::Redis).await;
+    let c = Cluster::start_via(2, server.via()).await;
+    let pid = server.child.as_ref().unwrap().id().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    let answer = publish_answer(&c.nodes[0].url("/channel/frozen"), "x").await;
+    signal("-CONT");
+    assert_eq!(answer, Answer::Unconfirmed);
+    let mut s = c.sse(1, "frozen", None).await;
+    eventually(|| async {
+        publish_answer(&c.nodes[0].url("/channel/frozen"), "again").await == Answer::Accepted
+    })
+    .await;
+    // "x" may arrive too (Redis may have read it before it froze).
+    while s.next().await.data != "again" {}
+}
