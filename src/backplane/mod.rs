@@ -137,6 +137,22 @@ pub trait Store: Sized + Send + 'static {
         cursor: &mut Self::Cursor,
     ) -> impl Future<Output = Result<Vec<Line>, Error>> + Send;
 
+    /// Answers other nodes' questions with `answer` until the connection
+    /// fails.
+    fn serve_asks(
+        &mut self,
+        answer: &(dyn Fn(&[u8]) -> Vec<u8> + Sync),
+    ) -> impl Future<Output = Error> + Send;
+
+    /// Asks every node (this one too); the answers that come within
+    /// `window`, or fewer as soon as one satisfies `enough`.
+    fn ask(
+        &mut self,
+        question: &[u8],
+        window: Duration,
+        enough: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, Error>> + Send;
+
     /// Waits up to about [`READ_BLOCK`] for events of other origins after
     /// `position` (and the cursor); each origin's in id order. May return
     /// none.
@@ -165,7 +181,6 @@ struct Health {
 }
 
 /// A running backplane node.
-#[derive(Debug)]
 pub struct Backplane {
     kind: &'static str,
     url: String,
@@ -177,6 +192,70 @@ pub struct Backplane {
     ready: AtomicBool,
     applied: AtomicU64,
     written_count: AtomicU64,
+    asker: Asker,
+}
+
+/// Sends a question to every node over a fresh connection of the backend.
+type Asker = Box<
+    dyn Fn(Vec<u8>, bool) -> futures_util::future::BoxFuture<'static, Result<Vec<Vec<u8>>, Error>>
+        + Send
+        + Sync,
+>;
+
+/// What one node asks the others (`POST /channel`, targeted publishes).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Question {
+    /// The channels with subscribers there.
+    Channels,
+    /// Deliver this targeted publish if the client is there.
+    Client(serde_json::Value),
+}
+
+/// A node's answer.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    delivered: bool,
+}
+
+/// How long an asking node collects answers.
+const ASK_WINDOW: Duration = Duration::from_millis(300);
+
+/// This node's answer to a question.
+fn answer(hub: &Hub, question: &[u8]) -> Vec<u8> {
+    let a = match serde_json::from_slice::<Question>(question) {
+        Ok(Question::Channels) => Answer {
+            channels: hub
+                .channels_with_subscribers()
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect(),
+            delivered: false,
+        },
+        Ok(Question::Client(body)) => Answer {
+            channels: vec![],
+            delivered: serde_json::to_vec(&body)
+                .is_ok_and(|b| crate::cluster::deliver_to_client(hub, &b).is_ok()),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a question herald did not ask");
+            Answer::default()
+        }
+    };
+    serde_json::to_vec(&a).unwrap_or_default()
+}
+
+impl std::fmt::Debug for Backplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backplane")
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Backplane {
@@ -203,13 +282,106 @@ impl Backplane {
             ready: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             written_count: AtomicU64::new(0),
+            asker: {
+                let (options, me) = (options.clone(), name.to_owned());
+                Box::new(move |question, first| {
+                    let (options, me) = (options.clone(), me.clone());
+                    Box::pin(async move {
+                        let window = ASK_WINDOW.min(options.timeout);
+                        let mut store = S::connect(&options, &me).await?;
+                        let enough = |a: &[u8]| {
+                            first && serde_json::from_slice::<Answer>(a).is_ok_and(|a| a.delivered)
+                        };
+                        store.ask(&question, window, &enough).await
+                    })
+                })
+            },
         });
         tasks.spawn(
             bp.clone()
                 .write_loop::<S>(options.clone(), shutdown.clone()),
         );
         tasks.spawn(bp.clone().read_loop::<S>(options.clone(), shutdown.clone()));
+        tasks.spawn(
+            bp.clone()
+                .answer_loop::<S>(options.clone(), shutdown.clone()),
+        );
         bp
+    }
+
+    /// Asks every node; their answers.
+    async fn ask(&self, q: &Question, first_delivery: bool) -> Result<Vec<Answer>, Refused> {
+        let unavailable = |e: Error| Refused::Unavailable {
+            kind: self.kind,
+            why: format!("{}: {e}", self.kind),
+        };
+        let question =
+            serde_json::to_vec(q).map_err(|e| unavailable(Error::Data(e.to_string())))?;
+        let answers = self
+            .call((self.asker)(question, first_delivery))
+            .await
+            .map_err(unavailable)?;
+        Ok(answers
+            .iter()
+            .filter_map(|a| serde_json::from_slice(a).ok())
+            .collect())
+    }
+
+    /// Channels with subscribers on any node (for `POST /channel`).
+    pub async fn channels_with_subscribers(&self) -> Result<Vec<String>, Refused> {
+        let mut all: Vec<String> = self
+            .hub
+            .channels_with_subscribers()
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        for a in self.ask(&Question::Channels, false).await? {
+            all.extend(a.channels);
+        }
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Offers a targeted publish to every node; true if one delivered it.
+    pub async fn publish_to_client(&self, body: serde_json::Value) -> Result<bool, Refused> {
+        Ok(self
+            .ask(&Question::Client(body), true)
+            .await?
+            .iter()
+            .any(|a| a.delivered))
+    }
+
+    /// Answers other nodes' questions, reconnecting with backoff.
+    async fn answer_loop<S: Store>(self: Arc<Self>, options: Options, stop: CancellationToken) {
+        let mut failures = 0u32;
+        let hub = self.hub.clone();
+        let answer = move |q: &[u8]| answer(&hub, q);
+        loop {
+            if failures > 0 {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+            let connected = tokio::select! {
+                () = stop.cancelled() => return,
+                r = tokio::time::timeout(options.timeout, S::connect(&options, &self.name)) => r,
+            };
+            let e = match connected {
+                Ok(Ok(mut store)) => {
+                    failures = 0;
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        e = store.serve_asks(&answer) => e,
+                    }
+                }
+                Ok(Err(e)) => e,
+                Err(_) => Error::Backend("connect: timed out".into()),
+            };
+            failures = failures.saturating_add(1);
+            tracing::debug!(backplane = self.kind, error = %e, "the question listener reconnects");
+        }
     }
 
     /// The backend's URL, without its password.

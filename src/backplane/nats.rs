@@ -245,6 +245,56 @@ impl Store for Nats {
         self.client.flush().await.map_err(Error::backend)
     }
 
+    async fn serve_asks(&mut self, answer: &(dyn Fn(&[u8]) -> Vec<u8> + Sync)) -> Error {
+        // The client resubscribes by itself after a reconnection.
+        let mut questions = match self.client.subscribe(format!("{}.ask", self.prefix)).await {
+            Ok(s) => s,
+            Err(e) => return Error::backend(e),
+        };
+        while let Some(m) = questions.next().await {
+            let Some(reply) = m.reply else { continue };
+            let a = answer(&m.payload);
+            if let Err(e) = self.client.publish(reply, a.into()).await {
+                return Error::backend(e);
+            }
+        }
+        Error::Backend("the question subscription ended".into())
+    }
+
+    async fn ask(
+        &mut self,
+        question: &[u8],
+        window: std::time::Duration,
+        enough: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        // NATS does not say how many heard it: collect for the window.
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(Error::backend)?;
+        self.client
+            .publish_with_reply(
+                format!("{}.ask", self.prefix),
+                inbox,
+                bytes::Bytes::copy_from_slice(question),
+            )
+            .await
+            .map_err(Error::backend)?;
+        self.client.flush().await.map_err(Error::backend)?;
+        let deadline = tokio::time::Instant::now() + window;
+        let mut out = vec![];
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            let done = enough(&m.payload);
+            out.push(m.payload.to_vec());
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     async fn snapshot(&mut self, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
         let mut out = vec![];
         let js = self.js.clone();

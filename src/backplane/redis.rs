@@ -17,9 +17,13 @@
 //! Streams, not pub/sub: pub/sub forgets what a disconnected node missed,
 //! and history would need a second structure anyway.
 
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
+use serde_json::value::RawValue;
 
 use super::{Error, Options, READ_BLOCK, Store};
 use crate::cluster::Line;
@@ -30,6 +34,7 @@ const PAGE: usize = 1000;
 
 /// A connection to Redis.
 pub struct Redis {
+    client: redis::Client,
     conn: MultiplexedConnection,
     prefix: String,
     me: String,
@@ -61,6 +66,16 @@ impl Redis {
         format!("{}:joins", self.prefix)
     }
 
+    /// The pub/sub channel of questions between nodes.
+    fn asks(&self) -> String {
+        format!("{}:ask", self.prefix)
+    }
+
+    /// Where answers to one question go (a list, short-lived).
+    fn reply_prefix(&self) -> String {
+        format!("{}:reply:", self.prefix)
+    }
+
     async fn origins(&mut self) -> Result<Vec<String>, Error> {
         let mut v: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.origins_key())
@@ -84,6 +99,13 @@ impl Redis {
             .map_err(Error::backend)?;
         Ok(r.ids.into_iter().next().map(|e| e.id))
     }
+}
+
+/// A question on the wire: where to answer, and what.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Envelope {
+    reply: String,
+    q: Box<RawValue>,
 }
 
 /// The event id of a stream entry id `ID-0`.
@@ -131,6 +153,7 @@ impl Store for Redis {
             .await
             .map_err(Error::backend)?;
         Ok(Self {
+            client,
             conn,
             prefix: options.prefix.clone(),
             me: me.to_owned(),
@@ -198,6 +221,96 @@ impl Store for Redis {
             .query_async::<()>(&mut self.conn)
             .await
             .map_err(Error::backend)
+    }
+
+    async fn serve_asks(&mut self, answer: &(dyn Fn(&[u8]) -> Vec<u8> + Sync)) -> Error {
+        let mut pubsub = match self.client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => return Error::backend(e),
+        };
+        if let Err(e) = pubsub.subscribe(self.asks()).await {
+            return Error::backend(e);
+        }
+        let replies = self.reply_prefix();
+        let mut questions = pubsub.into_on_message();
+        while let Some(msg) = questions.next().await {
+            let Ok(env) = serde_json::from_slice::<Envelope>(msg.get_payload_bytes()) else {
+                continue;
+            };
+            // Answers only go where questions expect them.
+            if !env.reply.starts_with(&replies) {
+                continue;
+            }
+            let a = answer(env.q.get().as_bytes());
+            let sent = redis::pipe()
+                .cmd("RPUSH")
+                .arg(&env.reply)
+                .arg(a)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&env.reply)
+                .arg(30)
+                .ignore()
+                .query_async::<()>(&mut self.conn)
+                .await;
+            if let Err(e) = sent {
+                return Error::backend(e);
+            }
+        }
+        Error::Backend("the question subscription ended".into())
+    }
+
+    async fn ask(
+        &mut self,
+        question: &[u8],
+        window: Duration,
+        enough: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let reply = format!(
+            "{}{:016x}{:016x}",
+            self.reply_prefix(),
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let q = RawValue::from_string(String::from_utf8_lossy(question).into_owned())
+            .map_err(|e| Error::Data(e.to_string()))?;
+        let env = serde_json::to_vec(&Envelope {
+            reply: reply.clone(),
+            q,
+        })
+        .map_err(|e| Error::Data(e.to_string()))?;
+        // PUBLISH says how many nodes heard the question.
+        let listeners: usize = redis::cmd("PUBLISH")
+            .arg(self.asks())
+            .arg(env)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Error::backend)?;
+        let deadline = tokio::time::Instant::now() + window;
+        let mut out = vec![];
+        while out.len() < listeners {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+                .arg(&reply)
+                .arg(left.as_secs_f64().max(0.01))
+                .query_async(&mut self.conn)
+                .await
+                .map_err(Error::backend)?;
+            let Some((_, a)) = got else { break };
+            let done = enough(&a);
+            out.push(a);
+            if done {
+                break;
+            }
+        }
+        let _: Result<(), _> = redis::cmd("DEL")
+            .arg(&reply)
+            .query_async(&mut self.conn)
+            .await;
+        Ok(out)
     }
 
     async fn snapshot(&mut self, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {

@@ -39,6 +39,10 @@ pub enum Scenario {
     Channels,
     /// One message to N subscribers: time until the last receives it.
     Burst,
+    /// Fan-out through a cluster: N subscribers spread over the nodes
+    /// (one `--subscribe-url` each), M messages at rate R published on one
+    /// node (`--publish-url`).
+    Cluster,
 }
 
 /// How subscribers connect.
@@ -75,9 +79,14 @@ pub struct BenchArgs {
     /// Subscriber transport.
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
-    /// Subscribe URL; `{channel}` is replaced by the channel name.
-    #[arg(long, default_value = "http://127.0.0.1:8080/channel/{channel}")]
-    pub subscribe_url: String,
+    /// Subscribe URL; `{channel}` is replaced by the channel name. Several
+    /// (comma-separated: a cluster's nodes) share the subscribers in turn.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080/channel/{channel}"
+    )]
+    pub subscribe_url: Vec<String>,
     /// Publish API of the target.
     #[arg(long, value_enum, default_value = "herald")]
     pub publisher: Publisher,
@@ -131,7 +140,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     fn expected_per_conn(&self) -> u64 {
         match self.scenario {
-            Scenario::Fanout => self.messages,
+            Scenario::Fanout | Scenario::Cluster => self.messages,
             Scenario::Idle => 0,
             Scenario::Channels | Scenario::Burst => 1,
         }
@@ -173,6 +182,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<report::Report> {
     }
     if args.rate <= 0.0 {
         bail!("--rate must be positive");
+    }
+    if args.subscribe_url.is_empty() {
+        bail!("--subscribe-url: at least one URL");
+    }
+    if args.scenario == Scenario::Cluster && args.subscribe_url.len() < 2 {
+        bail!(
+            "--scenario cluster spreads subscribers over nodes: give --subscribe-url one URL per node, comma-separated"
+        );
     }
     let pids = procfs::with_descendants(&args.pid);
     let cpu_before = procfs::cpu_seconds(&pids);
@@ -242,7 +259,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<report::Report> {
             tokio::time::sleep(args.hold).await;
             0
         }
-        Scenario::Fanout => {
+        Scenario::Fanout | Scenario::Cluster => {
             publish(&args, args.messages, |seq| (args.channel.clone(), seq, 0)).await?
         }
         Scenario::Burst => publish(&args, 1, |_| (args.channel.clone(), 0, 0)).await?,
@@ -389,7 +406,8 @@ pub async fn worker(spec: &str) -> anyhow::Result<()> {
     let mut conns = tokio::task::JoinSet::new();
     for i in first..first + count {
         let source = args.source[(i as usize) % args.source.len().max(1)];
-        let url = args.subscribe_url.replace("{channel}", &args.channel_of(i));
+        let url = args.subscribe_url[(i as usize) % args.subscribe_url.len().max(1)]
+            .replace("{channel}", &args.channel_of(i));
         let (args, shared, limit, ready_tx) = (
             args.clone(),
             shared.clone(),

@@ -49,6 +49,9 @@ pub struct Report {
     pub transport: Transport,
     /// Subscribers asked for.
     pub subscribers: u64,
+    /// Subscribe URLs the subscribers were spread over (cluster nodes).
+    #[serde(default = "one")]
+    pub nodes: usize,
     /// Messages per connection (fanout), or 1.
     pub messages: u64,
     /// Publish rate (messages/s).
@@ -99,6 +102,10 @@ pub struct Report {
     pub pids_measured: usize,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl Report {
     /// Builds the report of a run.
     pub fn new(args: &BenchArgs, m: Measured, total: tally::Summary) -> Self {
@@ -110,6 +117,7 @@ impl Report {
             scenario: args.scenario,
             transport: args.transport,
             subscribers: args.subscribers,
+            nodes: args.subscribe_url.len(),
             messages: args.expected_per_conn(),
             rate: args.rate,
             size: args.size,
@@ -143,6 +151,10 @@ impl Report {
             Scenario::Fanout => format!(
                 "{scenario}: {} subscribers, {} messages at {} msg/s",
                 self.subscribers, self.messages, self.rate
+            ),
+            Scenario::Cluster => format!(
+                "{scenario}: {} subscribers over {} nodes, {} messages at {} msg/s published on one",
+                self.subscribers, self.nodes, self.messages, self.rate
             ),
             _ => format!("{scenario}: {} subscribers", self.subscribers),
         }
@@ -328,6 +340,7 @@ mod tests {
             scenario: Scenario::Fanout,
             transport,
             subscribers: 10,
+            nodes: 1,
             messages: 1,
             rate: 10.0,
             size: 100,

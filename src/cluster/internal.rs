@@ -318,25 +318,33 @@ struct ClientPublish {
 }
 
 async fn client(State(s): State<Internal>, body: Bytes) -> Response {
-    let Ok(p) = serde_json::from_slice::<ClientPublish>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid JSON");
-    };
+    match deliver_to_client(&s.hub, &body) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err((status, msg)) => error(status, msg),
+    }
+}
+
+/// Delivers a targeted publish offered by another node (a
+/// [`client_body`]) if the client is connected here.
+pub fn deliver_to_client(hub: &Hub, body: &[u8]) -> Result<(), (StatusCode, String)> {
+    let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_owned());
+    let p = serde_json::from_slice::<ClientPublish>(body).map_err(|_| bad("invalid JSON"))?;
     let (Ok(channel), Ok(client)) = (ChannelName::parse(&p.channel), ClientId::parse(&p.client))
     else {
-        return error(StatusCode::BAD_REQUEST, "invalid channel or client");
+        return Err(bad("invalid channel or client"));
     };
-    let Some(publish) = p.line.publish() else {
-        return error(StatusCode::BAD_REQUEST, "invalid data or event name");
-    };
+    let publish = p
+        .line
+        .publish()
+        .ok_or_else(|| bad("invalid data or event name"))?;
     let publish = Publish {
         key: None,
         retain: false,
         ..publish
     };
-    match s.hub.publish_to_client(&channel, &client, publish) {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
-    }
+    hub.publish_to_client(&channel, &client, publish)
+        .map(|_| ())
+        .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))
 }
 
 #[derive(Deserialize)]

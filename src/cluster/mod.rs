@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Secret;
 use crate::hub::Hub;
 
-pub use internal::{Line, apply, apply_all, client_body, router};
+pub use internal::{Line, apply, apply_all, client_body, deliver_to_client, router};
 
 /// How peers are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

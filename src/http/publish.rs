@@ -63,30 +63,44 @@ pub(super) async fn client(
             Json(serde_json::json!({ "id": published.text() })),
         )),
         // In a cluster the client may be connected to another node.
-        Err(e) => match &state.cluster {
-            Some(c)
-                if c.publish_to_client(crate::cluster::client_body(&channel, &client, &p))
-                    .await =>
-            {
+        Err(e) => {
+            let body = || crate::cluster::client_body(&channel, &client, &p);
+            let forwarded = match (&state.cluster, &state.backplane) {
+                (Some(c), _) => c.publish_to_client(body()).await,
+                (None, Some(b)) => b
+                    .publish_to_client(body())
+                    .await
+                    .map_err(ApiError::unavailable)?,
+                (None, None) => false,
+            };
+            if forwarded {
                 Ok((
                     StatusCode::ACCEPTED,
                     Json(serde_json::json!({ "forwarded": true })),
                 ))
+            } else {
+                Err(e.into())
             }
-            _ => Err(e.into()),
-        },
+        }
     }
 }
 
 pub(super) async fn all(State(state): State<AppState>, req: Request) -> Result<Accepted, ApiError> {
     let p = read(&state, req).await?;
     admit(&state)?;
-    let out = match &state.cluster {
+    let everywhere = match (&state.cluster, &state.backplane) {
+        (Some(c), _) => Some(c.channels_with_subscribers().await),
+        (None, Some(b)) => Some(
+            b.channels_with_subscribers()
+                .await
+                .map_err(ApiError::unavailable)?,
+        ),
+        (None, None) => None,
+    };
+    let out = match everywhere {
         // Every channel with subscribers on any node, published here once
         // and shared like any other event.
-        Some(c) => c
-            .channels_with_subscribers()
-            .await
+        Some(channels) => channels
             .iter()
             .filter_map(|n| ChannelName::parse(n).ok())
             .map(|ch| {

@@ -468,6 +468,14 @@ async fn sser_targeted_and_all_channel_publishes_cross_nodes() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
+    targeted_and_all_cross_nodes(&c).await;
+}
+
+/// A targeted publish reaches the client on whichever node holds it (404
+/// when none does), and `POST /channel` reaches a channel with subscribers
+/// on another node only.
+pub(crate) async fn targeted_and_all_cross_nodes(c: &Cluster) {
+    let h = http();
     // A client connected to node 2 only, addressed on node 0.
     let mut only = Sse::from_response(
         h.get(c.nodes[2].url("/channel/direct/client/alice"))
