@@ -57,6 +57,13 @@ pub enum Error {
     },
 }
 
+/// True if `a` supersedes `b` as a channel's retained value: a larger id
+/// (ids are hybrid clocks, comparable across origins), ties broken by
+/// origin name.
+fn newer(a: &SharedEvent, b: &SharedEvent) -> bool {
+    (a.id, &a.origin) > (b.id, &b.origin)
+}
+
 /// Result alias for hub operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -601,7 +608,9 @@ impl Hub {
                     .map(|(_, s)| &s.outbox),
                 &ev,
             );
-            if retain {
+            // The newest value wins, by id (then origin), whatever order
+            // a cluster node learns them in: every node converges.
+            if retain && st.retained.as_ref().is_none_or(|r| newer(&ev, r)) {
                 st.retained = Some(ev.clone());
             }
             if self.config.history_size == 0 {

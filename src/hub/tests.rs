@@ -370,6 +370,39 @@ mod cluster {
     }
 
     #[test]
+    fn the_newest_retained_value_wins_in_any_arrival_order() {
+        let c = ch("v");
+        let (a, b) = (node("a"), node("b"));
+        let mut p = text("old");
+        p.retain = true;
+        a.publish(&c, p);
+        let mut p = text("new");
+        p.retain = true;
+        b.publish(&c, p);
+        // One node learns them in id order, another in the opposite order
+        // (a snapshot sorted by origin: "a" after "b" here).
+        let (x, y) = (node("x"), node("y"));
+        replicate(&a, &x);
+        replicate(&b, &x);
+        replicate(&b, &y);
+        replicate(&a, &y);
+        for n in [&x, &y, &a, &b] {
+            if !Arc::ptr_eq(n, &a) {
+                replicate(&a, n);
+            }
+            if !Arc::ptr_eq(n, &b) {
+                replicate(&b, n);
+            }
+            let out = n.outbox();
+            let _s = n
+                .subscribe(&c, &ClientId::generate(), &out, &Resume::Fresh)
+                .unwrap();
+            let got: Vec<String> = drain(&out).iter().map(data).collect();
+            assert_eq!(got, ["new"], "a fresh subscriber's retained value");
+        }
+    }
+
+    #[test]
     fn ids_are_positions_and_resume_on_another_node_exactly() {
         let (a, b) = (node("a"), node("b"));
         let c = ch("c");
