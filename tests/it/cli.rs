@@ -123,6 +123,29 @@ async fn bad_flags_fail_with_a_message_naming_them() {
             "--max-queued-bytes",
         ),
         (vec!["serve", "--listen", "127.0.0.1:99999"], "--listen"),
+        (vec!["serve", "--cluster", "redis"], "--redis-url"),
+        (vec!["serve", "--cluster", "nats"], "--nats-url"),
+        (
+            vec!["serve", "--cluster", "redis", "--redis-url", "http://x"],
+            "--redis-url",
+        ),
+        (
+            vec!["serve", "--cluster", "nats", "--nats-url", "nats://:"],
+            "--nats-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--cluster",
+                "redis",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--backplane-prefix",
+                "a:b",
+            ],
+            "--backplane-prefix",
+        ),
+        (vec!["serve", "--cluster", "kafka"], "--cluster"),
     ] {
         let out = Command::new(BIN).args(&args).output().await.unwrap();
         assert!(!out.status.success());
@@ -136,6 +159,16 @@ async fn bad_flags_fail_with_a_message_naming_them() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--history-ttl"));
+    // A bad URL is shown without its password.
+    let out = Command::new(BIN)
+        .args(["serve", "--cluster", "redis"])
+        .env("HERALD_REDIS_URL", "redis://:hunter2@127.0.0.1:notaport")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--redis-url") && !err.contains("hunter2"), "{err}");
 }
 
 #[tokio::test]
