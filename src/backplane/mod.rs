@@ -192,6 +192,7 @@ pub struct Backplane {
     ready: AtomicBool,
     applied: AtomicU64,
     written_count: AtomicU64,
+    batches: AtomicU64,
     asker: Asker,
 }
 
@@ -282,6 +283,7 @@ impl Backplane {
             ready: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             written_count: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             asker: {
                 let (options, me) = (options.clone(), name.to_owned());
                 Box::new(move |question, first| {
@@ -450,6 +452,7 @@ impl Backplane {
                 "publishing": if w.up { "accepted" } else { "refused" },
                 "confirmed": EventId::from_u64(w.confirmed).to_string(),
                 "written": self.written_count.load(Ordering::Relaxed),
+                "write_batches": self.batches.load(Ordering::Relaxed),
                 "applied": self.applied.load(Ordering::Relaxed),
                 "reconnects": h.reconnects,
                 "last_error": h.error,
@@ -569,6 +572,7 @@ impl Backplane {
             batch.retain(|e| e.id > last);
             for chunk in batch.chunks(MAX_BATCH) {
                 self.call(store.write(chunk)).await?;
+                self.batches.fetch_add(1, Ordering::Relaxed);
                 if let Some(e) = chunk.last() {
                     last = e.id;
                     self.written_count

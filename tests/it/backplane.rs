@@ -477,6 +477,39 @@ async fn nats_subscribers_add_no_backend_subscriptions() {
     one_backend_subscription_per_node(Kind::Nats).await;
 }
 
+/// Concurrent publishes are written in pipelined batches, not one round
+/// trip each.
+async fn writes_are_batched(kind: Kind) {
+    let server = Server::start(kind).await;
+    let c = Cluster::start_via(2, server.via()).await;
+    let mut sub = c.sse(1, "burst", None).await;
+    let publishes = (0..200).map(|k| {
+        let url = c.nodes[0].url("/channel/burst");
+        async move { publish_answer(&url, &format!("b-{k}")).await }
+    });
+    let answers = futures_util::future::join_all(publishes).await;
+    assert!(answers.iter().all(|a| *a == Answer::Accepted));
+    for _ in 0..200 {
+        sub.next().await;
+    }
+    let st = status(&c, 0).await;
+    let bp = &st["cluster"]["backplane"];
+    assert_eq!(bp["written"], 200, "{bp}");
+    let batches = bp["write_batches"].as_u64().unwrap();
+    eprintln!("{kind:?}: 200 concurrent publishes, {batches} pipelined writes");
+    assert!(batches < 150, "200 concurrent publishes took {batches} writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_writes_are_batched() {
+    writes_are_batched(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_writes_are_batched() {
+    writes_are_batched(Kind::Nats).await;
+}
+
 async fn status(c: &Cluster, i: usize) -> serde_json::Value {
     http()
         .get(c.nodes[i].url("/status"))
@@ -551,8 +584,9 @@ async fn nats_without_jetstream_is_reported_and_refused() {
 }
 
 /// A 202 means the backend has the event: with Redis frozen (SIGSTOP), a
-/// publish is answered 503 once the confirmation times out, never 202,
-/// and publishing is accepted again once Redis runs.
+/// publish is delivered to the node's own subscribers at once but answered
+/// 503 once the confirmation times out, never 202; publishing is accepted
+/// again once Redis runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_202_waits_for_the_backend() {
     let server = Server::start(Kind::Redis).await;
@@ -567,8 +601,14 @@ async fn redis_a_202_waits_for_the_backend() {
                 .success()
         )
     };
+    let mut local = c.sse(0, "frozen", None).await;
     signal("-STOP");
-    let answer = publish_answer(&c.nodes[0].url("/channel/frozen"), "x").await;
+    let url = c.nodes[0].url("/channel/frozen");
+    let publishing = tokio::spawn(async move { publish_answer(&url, "x").await });
+    // Local delivery does not wait for the backend.
+    assert_eq!(local.next().await.data, "x");
+    assert!(!publishing.is_finished(), "the publish did not wait for Redis");
+    let answer = publishing.await.unwrap();
     signal("-CONT");
     assert_eq!(answer, Answer::Unconfirmed);
     let mut s = c.sse(1, "frozen", None).await;
