@@ -39,6 +39,8 @@ pub struct Redis {
     prefix: String,
     me: String,
     ttl_micros: u64,
+    /// When the reader last dropped origins that left nothing behind.
+    pruned: Option<tokio::time::Instant>,
 }
 
 /// Where a Redis reader is: in the joins stream, and the last entry read
@@ -47,6 +49,8 @@ pub struct Redis {
 pub struct Cursor {
     joins: Option<String>,
     read: std::collections::HashMap<String, u64>,
+    /// Origins seen with nothing left in Redis, and since when.
+    empty_since: std::collections::HashMap<String, tokio::time::Instant>,
 }
 
 impl Redis {
@@ -85,6 +89,62 @@ impl Redis {
         v.retain(|o| crate::hub::valid_origin(o));
         v.sort();
         Ok(v)
+    }
+
+    /// Lists this origin and wakes the readers (the joins stream).
+    async fn announce(&mut self) -> Result<(), Error> {
+        let me = self.me.clone();
+        redis::pipe()
+            .cmd("SADD")
+            .arg(self.origins_key())
+            .arg(&me)
+            .ignore()
+            .cmd("XADD")
+            .arg(self.joins())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100)
+            .arg("*")
+            .arg("node")
+            .arg(&me)
+            .ignore()
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(Error::backend)
+    }
+
+    /// Drops origins that have left nothing for twice the history TTL
+    /// (nodes gone for good: their streams expired and they retain
+    /// nothing), so readers stop asking. An origin that writes again is
+    /// listed again by its writer.
+    async fn prune(&mut self, cursor: &mut Cursor) -> Result<(), Error> {
+        let now = tokio::time::Instant::now();
+        let grace = Duration::from_micros(self.ttl_micros.saturating_mul(2));
+        for origin in self.origins().await? {
+            let (stream, retained) = (self.stream(&origin), self.retained(&origin));
+            let left: u64 = redis::cmd("EXISTS")
+                .arg(&stream)
+                .arg(&retained)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(Error::backend)?;
+            if left > 0 {
+                cursor.empty_since.remove(&origin);
+                continue;
+            }
+            let since = *cursor.empty_since.entry(origin.clone()).or_insert(now);
+            if now.saturating_duration_since(since) > grace {
+                cursor.empty_since.remove(&origin);
+                let _: u64 = redis::cmd("SREM")
+                    .arg(self.origins_key())
+                    .arg(&origin)
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(Error::backend)?;
+                tracing::info!(%origin, "forgot a node whose events have all expired");
+            }
+        }
+        Ok(())
     }
 
     async fn last_entry(&mut self, key: &str) -> Result<Option<String>, Error> {
@@ -158,30 +218,14 @@ impl Store for Redis {
             prefix: options.prefix.clone(),
             me: me.to_owned(),
             ttl_micros: u64::try_from(options.history_ttl.as_micros()).unwrap_or(u64::MAX),
+            pruned: None,
         })
     }
 
     async fn last_own(&mut self) -> Result<EventId, Error> {
         // Announce this origin (readers pick it up), then find its top.
-        let me = self.me.clone();
-        redis::pipe()
-            .cmd("SADD")
-            .arg(self.origins_key())
-            .arg(&me)
-            .ignore()
-            .cmd("XADD")
-            .arg(self.joins())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(100)
-            .arg("*")
-            .arg("node")
-            .arg(&me)
-            .ignore()
-            .query_async::<()>(&mut self.conn)
-            .await
-            .map_err(Error::backend)?;
-        let key = self.stream(&me);
+        self.announce().await?;
+        let key = self.stream(&self.me);
         match self.last_entry(&key).await? {
             Some(id) => entry_id(&id),
             None => Ok(EventId::from_u64(0)),
@@ -190,6 +234,11 @@ impl Store for Redis {
 
     async fn write(&mut self, events: &[SharedEvent]) -> Result<(), Error> {
         let mut pipe = redis::pipe();
+        // Still listed (a reader may have pruned an origin that was away),
+        // and the stream lives as long as its newest event is in history:
+        // the stream of a node that is gone for good expires.
+        let me = self.me.clone();
+        pipe.cmd("SADD").arg(self.origins_key()).arg(&me);
         for ev in events {
             let Some(l) = Line::of(ev) else { continue };
             let json = serde_json::to_vec(&l).map_err(|e| Error::Data(e.to_string()))?;
@@ -211,9 +260,19 @@ impl Store for Redis {
                     .ignore();
             }
         }
-        pipe.query_async::<()>(&mut self.conn)
+        pipe.cmd("PEXPIRE")
+            .arg(self.stream(&me))
+            .arg(u64::try_from(2 * self.ttl_micros / 1000).unwrap_or(u64::MAX).max(1000))
+            .ignore();
+        let (added,): (u64,) = pipe
+            .query_async(&mut self.conn)
             .await
-            .map_err(Error::backend)
+            .map_err(Error::backend)?;
+        if added > 0 {
+            // Listed again: wake the readers blocked without this origin.
+            self.announce().await?;
+        }
+        Ok(())
     }
 
     async fn ping(&mut self) -> Result<(), Error> {
@@ -355,6 +414,13 @@ impl Store for Redis {
     }
 
     async fn read(&mut self, position: &Position, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
+        if self
+            .pruned
+            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60))
+        {
+            self.pruned = Some(tokio::time::Instant::now());
+            self.prune(cursor).await?;
+        }
         let origins: Vec<String> = self
             .origins()
             .await?
