@@ -262,7 +262,7 @@ impl Store for Redis {
         }
         pipe.cmd("PEXPIRE")
             .arg(self.stream(&me))
-            .arg(u64::try_from(2 * self.ttl_micros / 1000).unwrap_or(u64::MAX).max(1000))
+            .arg((self.ttl_micros.saturating_mul(2) / 1000).max(1000))
             .ignore();
         let (added,): (u64,) = pipe
             .query_async(&mut self.conn)

@@ -497,7 +497,10 @@ async fn writes_are_batched(kind: Kind) {
     assert_eq!(bp["written"], 200, "{bp}");
     let batches = bp["write_batches"].as_u64().unwrap();
     eprintln!("{kind:?}: 200 concurrent publishes, {batches} pipelined writes");
-    assert!(batches < 150, "200 concurrent publishes took {batches} writes");
+    assert!(
+        batches < 150,
+        "200 concurrent publishes took {batches} writes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,7 +610,10 @@ async fn redis_a_202_waits_for_the_backend() {
     let publishing = tokio::spawn(async move { publish_answer(&url, "x").await });
     // Local delivery does not wait for the backend.
     assert_eq!(local.next().await.data, "x");
-    assert!(!publishing.is_finished(), "the publish did not wait for Redis");
+    assert!(
+        !publishing.is_finished(),
+        "the publish did not wait for Redis"
+    );
     let answer = publishing.await.unwrap();
     signal("-CONT");
     assert_eq!(answer, Answer::Unconfirmed);

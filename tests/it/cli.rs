@@ -168,7 +168,10 @@ async fn bad_flags_fail_with_a_message_naming_them() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("--redis-url") && !err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains("--redis-url") && !err.contains("hunter2"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
