@@ -544,10 +544,9 @@ impl Backplane {
             .connect::<S>(&options, &mut failures, &stop, Role::Writer)
             .await
         {
-            let r = tokio::select! {
-                () = stop.cancelled() => return,
-                r = self.write_connected(&mut store, &mut live, &mut failures) => r,
-            };
+            let r = self
+                .write_connected(&mut store, &mut live, &mut failures, &stop)
+                .await;
             match r {
                 Ok(()) => return,
                 Err(e) => self.failed(Role::Writer, &mut failures, &e.to_string()),
@@ -560,6 +559,7 @@ impl Backplane {
         store: &mut S,
         live: &mut tokio::sync::broadcast::Receiver<SharedEvent>,
         failures: &mut u32,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         let mut last = self.call(store.last_own()).await?;
         *failures = 0;
@@ -586,7 +586,13 @@ impl Backplane {
                 self.set(Some("connected"), None, None);
                 tracing::info!(backplane = self.kind, "backplane writer connected");
             }
+            if stop.is_cancelled() {
+                // Shutting down: what was accepted last was written above.
+                return Ok(());
+            }
             tokio::select! {
+                // Once more around the loop: writes what is still queued.
+                () = stop.cancelled() => {}
                 r = live.recv() => match r {
                     Ok(ev) => batch.push(ev),
                     Err(RecvError::Lagged(_)) => batch = self.hub.own_events_after(last),

@@ -32,6 +32,10 @@ use crate::hub::{EventId, Position, SharedEvent};
 /// Entries read per `XRANGE`/`XREAD` call.
 const PAGE: usize = 1000;
 
+/// How often a reader looks for origins that left nothing behind (at most;
+/// more often with a shorter history TTL).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// A connection to Redis.
 pub struct Redis {
     client: redis::Client,
@@ -51,6 +55,9 @@ pub struct Cursor {
     read: std::collections::HashMap<String, u64>,
     /// Origins seen with nothing left in Redis, and since when.
     empty_since: std::collections::HashMap<String, tokio::time::Instant>,
+    /// The other origins, and when they were listed.
+    origins: Vec<String>,
+    origins_at: Option<tokio::time::Instant>,
 }
 
 impl Redis {
@@ -414,19 +421,23 @@ impl Store for Redis {
     }
 
     async fn read(&mut self, position: &Position, cursor: &mut Cursor) -> Result<Vec<Line>, Error> {
-        if self
-            .pruned
-            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60))
-        {
+        let every = PRUNE_EVERY.min(Duration::from_micros(self.ttl_micros));
+        if self.pruned.is_none_or(|t| t.elapsed() > every) {
             self.pruned = Some(tokio::time::Instant::now());
             self.prune(cursor).await?;
         }
-        let origins: Vec<String> = self
-            .origins()
-            .await?
-            .into_iter()
-            .filter(|o| *o != self.me)
-            .collect();
+        // The origin list is read again after a join (the joins stream
+        // woke this reader) and at least every READ_BLOCK, not per batch.
+        if cursor.origins_at.is_none_or(|t| t.elapsed() >= READ_BLOCK) {
+            cursor.origins = self
+                .origins()
+                .await?
+                .into_iter()
+                .filter(|o| *o != self.me)
+                .collect();
+            cursor.origins_at = Some(tokio::time::Instant::now());
+        }
+        let origins = cursor.origins.clone();
         let joins = self.joins();
         let joins_from = match &cursor.joins {
             Some(j) => j.clone(),
@@ -460,6 +471,7 @@ impl Store for Redis {
             if key.key == joins {
                 if let Some(last) = key.ids.last() {
                     cursor.joins = Some(last.id.clone());
+                    cursor.origins_at = None;
                 }
             } else {
                 let origin = key.key.rsplit(':').next().unwrap_or_default().to_owned();

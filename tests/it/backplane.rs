@@ -183,7 +183,8 @@ impl Server {
     }
 }
 
-/// One Redis command over RESP; the reply as text.
+/// One Redis command over RESP; the reply as text (an array's items one
+/// per line).
 async fn redis(port: u16, args: &[String]) -> String {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -194,17 +195,26 @@ async fn redis(port: u16, args: &[String]) -> String {
     }
     s.write_all(req.as_bytes()).await.unwrap();
     let mut r = BufReader::new(s);
-    let mut head = String::new();
-    r.read_line(&mut head).await.unwrap();
-    match head.strip_prefix('$') {
-        Some(n) => {
-            let n: usize = n.trim().parse().unwrap_or(0);
-            let mut body = vec![0; n + 2];
-            r.read_exact(&mut body).await.unwrap();
-            String::from_utf8_lossy(&body[..n]).into_owned()
+    let mut out = String::new();
+    let mut pending = 1;
+    while pending > 0 {
+        pending -= 1;
+        let mut head = String::new();
+        r.read_line(&mut head).await.unwrap();
+        let (kind, rest) = head.split_at(1);
+        let n: i64 = rest.trim().parse().unwrap_or(0);
+        match kind {
+            "$" if n >= 0 => {
+                let mut body = vec![0; n as usize + 2];
+                r.read_exact(&mut body).await.unwrap();
+                out.push_str(&String::from_utf8_lossy(&body[..n as usize]));
+                out.push('\n');
+            }
+            "*" => pending += n.max(0),
+            _ => out.push_str(&head),
         }
-        None => head,
     }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,6 +521,40 @@ async fn redis_writes_are_batched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_writes_are_batched() {
     writes_are_batched(Kind::Nats).await;
+}
+
+/// A node gone for good is forgotten once its events expired (readers
+/// stop reading its stream); one that comes back under that name is listed
+/// again and its events reach the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_node_gone_for_good_is_forgotten_and_one_that_returns_is_read() {
+    let server = Server::start(Kind::Redis).await;
+    let mut c = Cluster::start_via_unready(2, server.via()).await;
+    c.extra = vec!["--history-ttl".into(), "1s".into()];
+    for i in 0..2 {
+        c.kill(i).await;
+        c.spawn(i);
+        c.ready(i).await;
+    }
+    let mut s0 = c.sse(0, "gone", None).await;
+    c.publish(1, "gone", "before").await;
+    assert_eq!(s0.next().await.data, "before");
+    let listed = |name: &'static str| {
+        let port = server.port;
+        async move {
+            redis(port, &["SMEMBERS".into(), "herald:origins".into()])
+                .await
+                .lines()
+                .any(|l| l == name)
+        }
+    };
+    assert!(listed("n1").await);
+    c.kill(1).await;
+    eventually(|| async { !listed("n1").await }).await;
+    c.spawn(1);
+    c.ready(1).await;
+    c.publish(1, "gone", "back").await;
+    assert_eq!(s0.next().await.data, "back");
 }
 
 async fn status(c: &Cluster, i: usize) -> serde_json::Value {

@@ -104,6 +104,8 @@ pub(crate) struct Cluster {
     pub(crate) nodes: Vec<Node>,
     peers: String,
     via: Via,
+    /// More `herald serve` flags for every node.
+    pub(crate) extra: Vec<String>,
 }
 
 impl Cluster {
@@ -128,7 +130,12 @@ impl Cluster {
             .map(|n| format!("127.0.0.1:{}", n.internal))
             .collect::<Vec<_>>()
             .join(",");
-        let mut c = Self { nodes, peers, via };
+        let mut c = Self {
+            nodes,
+            peers,
+            via,
+            extra: vec![],
+        };
         for i in 0..n {
             c.spawn(i);
         }
@@ -152,6 +159,7 @@ impl Cluster {
             nodes,
             peers: String::new(),
             via,
+            extra: vec![],
         };
         for i in 0..n {
             c.spawn(i);
@@ -191,6 +199,7 @@ impl Cluster {
                 "--heartbeat",
                 "1s",
             ])
+            .args(&self.extra)
             .quiet();
         n.child = Some(child);
     }
