@@ -548,7 +548,13 @@ impl Backplane {
                 .write_connected(&mut store, &mut live, &mut failures, &stop)
                 .await;
             match r {
-                Ok(()) => return,
+                Ok(()) => {
+                    // Nothing is written any more: a publish still waiting
+                    // is answered now, not at its timeout.
+                    self.health.lock().error = Some("herald is shutting down".into());
+                    self.set_up(false);
+                    return;
+                }
                 Err(e) => self.failed(Role::Writer, &mut failures, &e.to_string()),
             }
         }
