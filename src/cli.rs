@@ -207,7 +207,7 @@ pub struct ServeArgs {
     /// The IP peers reach this node on, when it listens on all interfaces (gossip mode).
     #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "IP")]
     pub advertise_addr: Option<std::net::IpAddr>,
-    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS).
+    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB] (no TLS).
     #[arg(
         long,
         env = "HERALD_REDIS_URL",

@@ -229,11 +229,7 @@ const ASK_WINDOW: Duration = Duration::from_millis(300);
 fn answer(hub: &Hub, question: &[u8]) -> Vec<u8> {
     let a = match serde_json::from_slice::<Question>(question) {
         Ok(Question::Channels) => Answer {
-            channels: hub
-                .channels_with_subscribers()
-                .iter()
-                .map(|c| c.as_str().to_owned())
-                .collect(),
+            channels: crate::cluster::with_local_channels(hub, vec![]),
             delivered: false,
         },
         Ok(Question::Client(body)) => Answer {
@@ -331,18 +327,9 @@ impl Backplane {
 
     /// Channels with subscribers on any node (for `POST /channel`).
     pub async fn channels_with_subscribers(&self) -> Result<Vec<String>, Refused> {
-        let mut all: Vec<String> = self
-            .hub
-            .channels_with_subscribers()
-            .iter()
-            .map(|c| c.as_str().to_owned())
-            .collect();
-        for a in self.ask(&Question::Channels, false).await? {
-            all.extend(a.channels);
-        }
-        all.sort();
-        all.dedup();
-        Ok(all)
+        let answers = self.ask(&Question::Channels, false).await?;
+        let remote = answers.into_iter().flat_map(|a| a.channels).collect();
+        Ok(crate::cluster::with_local_channels(&self.hub, remote))
     }
 
     /// Offers a targeted publish to every node; true if one delivered it.

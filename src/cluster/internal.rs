@@ -285,13 +285,7 @@ async fn snapshot(State(s): State<Internal>) -> Response {
 }
 
 async fn channels(State(s): State<Internal>) -> Response {
-    let names: Vec<String> = s
-        .hub
-        .channels_with_subscribers()
-        .iter()
-        .map(|c| c.as_str().to_owned())
-        .collect();
-    Json(names).into_response()
+    Json(super::with_local_channels(&s.hub, vec![])).into_response()
 }
 
 /// The body of a targeted publish offered to peers.

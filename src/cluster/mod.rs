@@ -286,6 +286,12 @@ impl Options {
                         "--cluster redis needs --redis-url redis://HOST:PORT".into(),
                     ));
                 };
+                if url.expose().starts_with("rediss://") {
+                    return Err((
+                        "--redis-url",
+                        "TLS to Redis (rediss://) is not built into herald; use redis:// on a private network".into(),
+                    ));
+                }
                 if let Err(e) = redis::Client::open(url.expose()) {
                     return Err((
                         "--redis-url",
@@ -321,6 +327,20 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// The channels with subscribers here and `remote` (other nodes'
+/// answers), sorted, once each: what `POST /channel` publishes to.
+pub fn with_local_channels(hub: &Hub, remote: Vec<String>) -> Vec<String> {
+    let mut all: Vec<String> = hub
+        .channels_with_subscribers()
+        .iter()
+        .map(|c| c.as_str().to_owned())
+        .chain(remote)
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// A peer as `/status` shows it.
@@ -606,21 +626,14 @@ impl Node {
 
     /// Channels with subscribers on any node (for `POST /channel`).
     pub async fn channels_with_subscribers(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .hub
-            .channels_with_subscribers()
-            .iter()
-            .map(|c| c.as_str().to_owned())
-            .collect();
         let answers = self
             .ask_peers(|http, addr| http.get(format!("http://{addr}/internal/v1/channels")))
             .await;
+        let mut remote = vec![];
         for r in answers.into_iter().flatten() {
-            all.extend(r.json::<Vec<String>>().await.unwrap_or_default());
+            remote.extend(r.json::<Vec<String>>().await.unwrap_or_default());
         }
-        all.sort();
-        all.dedup();
-        all
+        with_local_channels(&self.hub, remote)
     }
 
     /// Sends one request to every peer but this node, in parallel, with the

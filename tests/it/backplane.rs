@@ -14,7 +14,7 @@ use crate::cluster::{
     Cluster, Via, assert_next_is_marker, every_event_everywhere_once, killed_node_catches_up,
     late_node_backfills, targeted_and_all_cross_nodes,
 };
-use crate::support::{WAIT, eventually, free_port, http, tempdir};
+use crate::support::{WAIT, eventually, free_port, get_json, http, signal, tempdir};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -160,14 +160,7 @@ impl Server {
                 (list.lines().filter(|l| l.contains("id=")).count() - 1, 0)
             }
             Kind::Nats => {
-                let v: serde_json::Value = http()
-                    .get(format!("http://127.0.0.1:{}/connz?subs=1", self.monitor))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let v = get_json(&format!("http://127.0.0.1:{}/connz?subs=1", self.monitor)).await;
                 let conns = v["connections"].as_array().cloned().unwrap_or_default();
                 let herald: Vec<_> = conns
                     .iter()
@@ -558,14 +551,7 @@ async fn redis_a_node_gone_for_good_is_forgotten_and_one_that_returns_is_read() 
 }
 
 async fn status(c: &Cluster, i: usize) -> serde_json::Value {
-    http()
-        .get(c.nodes[i].url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&c.nodes[i].url("/status")).await
 }
 
 /// A node whose backend is not there yet: not ready, publishes refused
@@ -638,18 +624,9 @@ async fn nats_without_jetstream_is_reported_and_refused() {
 async fn redis_a_202_waits_for_the_backend() {
     let server = Server::start(Kind::Redis).await;
     let c = Cluster::start_via(2, server.via()).await;
-    let pid = server.child.as_ref().unwrap().id().unwrap().to_string();
-    let signal = |sig: &str| {
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
+    let pid = server.child.as_ref().unwrap().id().unwrap();
     let mut local = c.sse(0, "frozen", None).await;
-    signal("-STOP");
+    signal(pid, "-STOP");
     let url = c.nodes[0].url("/channel/frozen");
     let publishing = tokio::spawn(async move { publish_answer(&url, "x").await });
     // Local delivery does not wait for the backend.
@@ -659,7 +636,7 @@ async fn redis_a_202_waits_for_the_backend() {
         "the publish did not wait for Redis"
     );
     let answer = publishing.await.unwrap();
-    signal("-CONT");
+    signal(pid, "-CONT");
     assert_eq!(answer, Answer::Unconfirmed);
     let mut s = c.sse(1, "frozen", None).await;
     eventually(|| async {

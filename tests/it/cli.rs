@@ -146,6 +146,10 @@ async fn bad_flags_fail_with_a_message_naming_them() {
             "--backplane-prefix",
         ),
         (vec!["serve", "--cluster", "kafka"], "--cluster"),
+        (
+            vec!["serve", "--cluster", "redis", "--redis-url", "rediss://h:1"],
+            "TLS to Redis",
+        ),
     ] {
         let out = Command::new(BIN).args(&args).output().await.unwrap();
         assert!(!out.status.success());

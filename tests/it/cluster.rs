@@ -9,7 +9,7 @@ use std::process::Stdio;
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use crate::support::{Sse, WAIT, eventually, http};
+use crate::support::{Sse, WAIT, eventually, http, signal};
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
@@ -117,6 +117,35 @@ impl Cluster {
 
     /// `n` nodes sharing channels through `via`.
     pub(crate) async fn start_via(n: usize, via: Via) -> Self {
+        let mut c = Self::new(n, via);
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.ready(i).await;
+        }
+        c
+    }
+
+    /// `n` nodes through `via`, once they answer (ready or not).
+    pub(crate) async fn start_via_unready(n: usize, via: Via) -> Self {
+        let mut c = Self::new(n, via);
+        for i in 0..n {
+            c.spawn(i);
+            let url = c.nodes[i].url("/healthz");
+            let h = http();
+            eventually(|| {
+                let (h, url) = (h.clone(), url.clone());
+                async move { h.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+            })
+            .await;
+        }
+        c
+    }
+
+    /// `n` nodes on free ports that list each other (themselves included,
+    /// as a shared static list would), not started.
+    fn new(n: usize, via: Via) -> Self {
         let nodes: Vec<Node> = (0..n)
             .map(|i| Node {
                 name: format!("n{i}"),
@@ -130,48 +159,12 @@ impl Cluster {
             .map(|n| format!("127.0.0.1:{}", n.internal))
             .collect::<Vec<_>>()
             .join(",");
-        let mut c = Self {
+        Self {
             nodes,
             peers,
             via,
             extra: vec![],
-        };
-        for i in 0..n {
-            c.spawn(i);
         }
-        for i in 0..n {
-            c.ready(i).await;
-        }
-        c
-    }
-
-    /// `n` nodes through `via`, once they answer (ready or not).
-    pub(crate) async fn start_via_unready(n: usize, via: Via) -> Self {
-        let nodes = (0..n)
-            .map(|i| Node {
-                name: format!("n{i}"),
-                public: free_port(),
-                internal: free_port(),
-                child: None,
-            })
-            .collect();
-        let mut c = Self {
-            nodes,
-            peers: String::new(),
-            via,
-            extra: vec![],
-        };
-        for i in 0..n {
-            c.spawn(i);
-            let url = c.nodes[i].url("/healthz");
-            let h = http();
-            eventually(|| {
-                let (h, url) = (h.clone(), url.clone());
-                async move { h.get(url).send().await.is_ok_and(|r| r.status() == 200) }
-            })
-            .await;
-        }
-        c
     }
 
     pub(crate) fn spawn(&mut self, i: usize) {
@@ -238,20 +231,7 @@ impl Cluster {
     }
 
     pub(crate) fn signal(&self, i: usize, sig: &str) {
-        let pid = self.nodes[i]
-            .child
-            .as_ref()
-            .unwrap()
-            .id()
-            .unwrap()
-            .to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        signal(self.nodes[i].child.as_ref().unwrap().id().unwrap(), sig);
     }
 
     pub(crate) async fn kill(&mut self, i: usize) {

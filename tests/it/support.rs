@@ -132,14 +132,7 @@ impl TestHub {
     }
 
     pub async fn status(&self) -> serde_json::Value {
-        self.http
-            .get(self.url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.url("/status")).await
     }
 }
 
@@ -358,6 +351,22 @@ pub fn tempdir() -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// GETs a URL and reads its JSON body.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Sends a signal (`-STOP`, `-KILL`, ...) to a process, by PID.
+pub fn signal(pid: u32, sig: &str) {
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 /// A loopback port free right now.
