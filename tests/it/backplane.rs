@@ -31,6 +31,9 @@ struct Server {
     dir: std::path::PathBuf,
     /// Extra arguments (a password, JetStream off).
     extra: Vec<String>,
+    /// Whether its data survives a restart (Redis: AOF, fsync always;
+    /// NATS: the same store directory). Otherwise it comes back empty.
+    keeps_data: bool,
     child: Option<Child>,
 }
 
@@ -56,6 +59,7 @@ impl Server {
             monitor: free_port(),
             dir: tempdir(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            keeps_data: kind == Kind::Nats,
             child: None,
         };
         s.spawn();
@@ -71,6 +75,7 @@ impl Server {
             monitor: free_port(),
             dir: tempdir(),
             extra: vec![],
+            keeps_data: kind == Kind::Nats,
             child: None,
         }
     }
@@ -80,10 +85,13 @@ impl Server {
         let mut cmd = match self.kind {
             Kind::Redis => {
                 let mut c = Command::new(binary("redis-server"));
-                // No persistence: a restart loses everything, the worst case.
-                c.args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
-                    .args(["--appendonly", "no", "--dir"])
-                    .arg(&self.dir);
+                c.args(["--bind", "127.0.0.1", "--port", &port, "--save", ""]);
+                if self.keeps_data {
+                    c.args(["--appendonly", "yes", "--appendfsync", "always"]);
+                } else {
+                    c.args(["--appendonly", "no"]);
+                }
+                c.arg("--dir").arg(&self.dir);
                 c
             }
             Kind::Nats => {
@@ -146,6 +154,10 @@ impl Server {
     }
 
     async fn restart(&mut self) {
+        if !self.keeps_data {
+            // NATS: a new store directory (Redis without AOF keeps nothing).
+            self.dir = tempdir();
+        }
         self.spawn();
         self.wait_up().await;
     }
@@ -311,8 +323,10 @@ async fn publish_answer(url: &str, data: &str) -> Answer {
 /// again: every event answered 202 reaches every subscriber on every node
 /// exactly once and in order, nothing refused with 503 ever arrives, and a
 /// node started after the restart has the whole history.
-async fn backend_restart_mid_stream(kind: Kind) {
-    let mut server = Server::start(kind).await;
+async fn backend_restart_mid_stream(kind: Kind, keeps_data: bool) {
+    let mut server = Server::later(kind);
+    server.keeps_data = keeps_data;
+    server.restart().await;
     let mut c = Cluster::start_via(4, server.via()).await;
     c.kill(3).await;
     let mut subs = vec![];
@@ -435,12 +449,22 @@ async fn backend_restart_mid_stream(kind: Kind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_stream_loses_no_accepted_event() {
-    backend_restart_mid_stream(Kind::Redis).await;
+    backend_restart_mid_stream(Kind::Redis, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_that_loses_its_data_mid_stream_loses_no_accepted_event() {
+    backend_restart_mid_stream(Kind::Redis, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_stream_loses_no_accepted_event() {
-    backend_restart_mid_stream(Kind::Nats).await;
+    backend_restart_mid_stream(Kind::Nats, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_that_loses_its_data_mid_stream_loses_no_accepted_event() {
+    backend_restart_mid_stream(Kind::Nats, false).await;
 }
 
 /// Subscribers cost the backend nothing: a node holds the same backend
