@@ -207,7 +207,7 @@ pub struct ServeArgs {
     /// The IP peers reach this node on, when it listens on all interfaces (gossip mode).
     #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "IP")]
     pub advertise_addr: Option<std::net::IpAddr>,
-    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB] (no TLS).
+    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
     #[arg(
         long,
         env = "HERALD_REDIS_URL",
@@ -223,6 +223,9 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub nats_url: Option<String>,
+    /// Redis and NATS modes: a PEM CA file the backend's TLS certificate must chain to [default: the system's roots]; with NATS it also requires TLS.
+    #[arg(long, env = "HERALD_BACKPLANE_CA", value_name = "FILE")]
+    pub backplane_ca: Option<std::path::PathBuf>,
     /// Redis and NATS modes: prefix of every key, subject and stream, so clusters can share a server.
     #[arg(long, env = "HERALD_BACKPLANE_PREFIX", value_name = "NAME", default_value = cluster::DEFAULT_BACKPLANE_PREFIX)]
     pub backplane_prefix: String,
@@ -322,6 +325,7 @@ impl ServeArgs {
             redis_url: self.redis_url.clone().map(Secret::new),
             nats_url: self.nats_url.clone().map(Secret::new),
             backplane_prefix: self.backplane_prefix.clone(),
+            backplane_ca: self.backplane_ca.clone(),
         };
         let config = Config {
             cluster,

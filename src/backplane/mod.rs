@@ -104,6 +104,8 @@ pub struct Options {
     pub timeout: Duration,
     /// How long history lasts (the backend trims to it).
     pub history_ttl: Duration,
+    /// A PEM CA for the backend's TLS certificate (default: system roots).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// The cursor a reader keeps across reconnections (backend-specific).
@@ -264,6 +266,8 @@ impl Backplane {
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Arc<Self> {
+        // TLS to the backend uses rustls with ring, like the rest of herald.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let bp = Arc::new(Self {
             kind: S::KIND,
             url: redact(options.url.expose()),

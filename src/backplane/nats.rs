@@ -134,7 +134,11 @@ impl Store for Nats {
     type Cursor = Cursor;
 
     async fn connect(options: &Options, me: &str) -> Result<Self, Error> {
-        let client = async_nats::ConnectOptions::new()
+        let mut connect = async_nats::ConnectOptions::new();
+        if let Some(ca) = &options.ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = connect
             .connection_timeout(options.timeout)
             .request_timeout(Some(options.timeout))
             .name(format!("herald {me}"))

@@ -210,7 +210,26 @@ impl Store for Redis {
     type Cursor = Cursor;
 
     async fn connect(options: &Options, me: &str) -> Result<Self, Error> {
-        let client = redis::Client::open(options.url.expose()).map_err(Error::backend)?;
+        let url = options.url.expose();
+        let client = if url.starts_with("rediss://") {
+            let root_cert = match &options.ca {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert,
+                },
+            )
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(Error::backend)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.timeout))
             // A blocked XREAD answers within READ_BLOCK.

@@ -135,6 +135,9 @@ pub struct Options {
     pub nats_url: Option<Secret>,
     /// Redis and NATS modes: the prefix of every key, subject and stream.
     pub backplane_prefix: String,
+    /// Redis and NATS modes: a PEM CA the backend's TLS certificate must
+    /// chain to (instead of the system's roots).
+    pub backplane_ca: Option<std::path::PathBuf>,
 }
 
 /// The default `--backplane-prefix`.
@@ -160,6 +163,7 @@ impl Default for Options {
             redis_url: None,
             nats_url: None,
             backplane_prefix: DEFAULT_BACKPLANE_PREFIX.to_owned(),
+            backplane_ca: None,
         }
     }
 }
@@ -188,6 +192,7 @@ impl Options {
             prefix: self.backplane_prefix.clone(),
             timeout: self.peer_timeout,
             history_ttl,
+            ca: self.backplane_ca.clone(),
         })
     }
 
@@ -266,6 +271,11 @@ impl Options {
     }
 
     fn validate_backplane(&self) -> Result<(), (&'static str, String)> {
+        if let Some(ca) = &self.backplane_ca
+            && let Err(e) = std::fs::read(ca)
+        {
+            return Err(("--backplane-ca", format!("{}: {e}", ca.display())));
+        }
         let p = &self.backplane_prefix;
         if p.is_empty()
             || p.len() > 32
@@ -286,13 +296,13 @@ impl Options {
                         "--cluster redis needs --redis-url redis://HOST:PORT".into(),
                     ));
                 };
-                if url.expose().starts_with("rediss://") {
+                if self.backplane_ca.is_some() && !url.expose().starts_with("rediss://") {
                     return Err((
-                        "--redis-url",
-                        "TLS to Redis (rediss://) is not built into herald; use redis:// on a private network".into(),
+                        "--backplane-ca",
+                        "is for TLS: give --redis-url as rediss://HOST:PORT".into(),
                     ));
                 }
-                if let Err(e) = redis::Client::open(url.expose()) {
+                if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.expose()) {
                     return Err((
                         "--redis-url",
                         format!(

@@ -574,6 +574,131 @@ async fn redis_a_node_gone_for_good_is_forgotten_and_one_that_returns_is_read() 
     assert_eq!(s0.next().await.data, "back");
 }
 
+/// A CA and a certificate for 127.0.0.1 it signed, made with openssl:
+/// (ca.pem, server.pem, server.key).
+fn test_certificates() -> (String, String, String) {
+    let dir = tempdir();
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl is installed (scripts/test installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=herald test CA",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &path("san.ext"),
+        "-out",
+        &path("server.pem"),
+    ]);
+    (path("ca.pem"), path("server.pem"), path("server.key"))
+}
+
+/// TLS to the backend: nodes that trust the backend's CA
+/// (`--backplane-ca`) share channels over it; a node that does not is not
+/// ready, refuses publishes and says why.
+async fn over_tls(kind: Kind) {
+    let (ca, cert, key) = test_certificates();
+    let mut server = Server::later(kind);
+    let port = server.port.to_string();
+    server.extra = match kind {
+        Kind::Redis => vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.clone(),
+            "--tls-cert-file".into(),
+            cert,
+            "--tls-key-file".into(),
+            key,
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+        Kind::Nats => vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            cert,
+            "--tlskey".into(),
+            key,
+        ],
+    };
+    server.restart().await;
+    let via = match kind {
+        Kind::Redis => Via::Redis(format!("rediss://127.0.0.1:{port}")),
+        Kind::Nats => Via::Nats(format!("tls://127.0.0.1:{port}")),
+    };
+    let c = Cluster::start_via_with(2, via.clone(), &["--backplane-ca", &ca]).await;
+    let mut s1 = c.sse(1, "secure", None).await;
+    c.publish(0, "secure", "over tls").await;
+    assert_eq!(s1.next().await.data, "over tls");
+
+    let stranger = Cluster::start_via_unready(1, via).await;
+    let url = stranger.nodes[0].url("/status");
+    eventually(|| {
+        let url = url.clone();
+        async move {
+            get_json(&url).await["cluster"]["backplane"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("certificate"))
+        }
+    })
+    .await;
+    assert_eq!(
+        publish_answer(&stranger.nodes[0].url("/channel/secure"), "x").await,
+        Answer::Refused
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_private_ca() {
+    over_tls(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_a_private_ca() {
+    over_tls(Kind::Nats).await;
+}
+
 async fn status(c: &Cluster, i: usize) -> serde_json::Value {
     get_json(&c.nodes[i].url("/status")).await
 }

@@ -147,8 +147,28 @@ async fn bad_flags_fail_with_a_message_naming_them() {
         ),
         (vec!["serve", "--cluster", "kafka"], "--cluster"),
         (
-            vec!["serve", "--cluster", "redis", "--redis-url", "rediss://h:1"],
-            "TLS to Redis",
+            vec![
+                "serve",
+                "--cluster",
+                "redis",
+                "--redis-url",
+                "rediss://h:1",
+                "--backplane-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "--backplane-ca",
+        ),
+        (
+            vec![
+                "serve",
+                "--cluster",
+                "redis",
+                "--redis-url",
+                "redis://h:1",
+                "--backplane-ca",
+                "Cargo.toml",
+            ],
+            "--backplane-ca",
         ),
     ] {
         let out = Command::new(BIN).args(&args).output().await.unwrap();

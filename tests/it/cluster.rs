@@ -117,7 +117,13 @@ impl Cluster {
 
     /// `n` nodes sharing channels through `via`.
     pub(crate) async fn start_via(n: usize, via: Via) -> Self {
+        Self::start_via_with(n, via, &[]).await
+    }
+
+    /// `n` nodes through `via`, with more `herald serve` flags.
+    pub(crate) async fn start_via_with(n: usize, via: Via, extra: &[&str]) -> Self {
         let mut c = Self::new(n, via);
+        c.extra = extra.iter().map(|s| s.to_string()).collect();
         for i in 0..n {
             c.spawn(i);
         }
