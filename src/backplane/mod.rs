@@ -652,7 +652,9 @@ impl Backplane {
         failures: &mut u32,
     ) -> Result<(), Error> {
         if !self.ready() {
-            let lines = self.call(store.snapshot(cursor)).await?;
+            // Not bounded as a whole (a large history takes a while);
+            // each backend request is.
+            let lines = store.snapshot(cursor).await?;
             let n = crate::cluster::apply_all(&self.hub, &self.name, lines);
             tracing::info!(
                 backplane = self.kind,

@@ -33,6 +33,8 @@ pub struct Nats {
     prefix: String,
     me: String,
     consumer: Option<consumer::pull::Ordered>,
+    /// The longest wait for one message while reading the snapshot.
+    timeout: std::time::Duration,
 }
 
 /// Where a NATS reader is: the events stream's creation time (a stream
@@ -113,13 +115,15 @@ fn line(payload: &[u8]) -> Option<Line> {
 async fn read_upto(
     consumer: &mut consumer::pull::Ordered,
     last: u64,
+    silence: std::time::Duration,
     out: &mut Vec<Line>,
 ) -> Result<(), Error> {
     loop {
-        let m = match consumer.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(Error::backend(e)),
-            None => return Err(Error::Backend("the consumer ended".into())),
+        let m = match tokio::time::timeout(silence, consumer.next()).await {
+            Err(_) => return Err(Error::Backend(format!("no message for {silence:?}"))),
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(Error::backend(e)),
+            Ok(None) => return Err(Error::Backend("the consumer ended".into())),
         };
         let seq = m.info().map_err(Error::backend)?.stream_sequence;
         out.extend(line(&m.payload));
@@ -190,6 +194,7 @@ impl Store for Nats {
             prefix,
             me: me.to_owned(),
             consumer: None,
+            timeout: options.timeout,
         })
     }
 
@@ -307,7 +312,7 @@ impl Store for Nats {
         if r.state.messages > 0 {
             let filter = format!("{}.r.>", self.prefix);
             let mut c = consume(&js, &retained, filter, consumer::DeliverPolicy::All).await?;
-            read_upto(&mut c, r.state.last_sequence, &mut out).await?;
+            read_upto(&mut c, r.state.last_sequence, self.timeout, &mut out).await?;
         }
         let events = self.events();
         let info = info(&js, &events).await?;
@@ -316,7 +321,7 @@ impl Store for Nats {
         let filter = format!("{}.e.>", self.prefix);
         let mut c = consume(&js, &events, filter, consumer::DeliverPolicy::All).await?;
         if info.state.messages > 0 {
-            read_upto(&mut c, info.state.last_sequence, &mut out).await?;
+            read_upto(&mut c, info.state.last_sequence, self.timeout, &mut out).await?;
         }
         // The same consumer goes on live.
         self.consumer = Some(c);
