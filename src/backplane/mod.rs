@@ -47,6 +47,18 @@ pub use self::redis::Redis;
 /// Most events written in one pipelined batch.
 const MAX_BATCH: usize = 512;
 
+/// The backend is history and transport at once: however short
+/// `--history-ttl`, it keeps an event this long, so a reader that falls a
+/// few seconds behind (a busy node) still finds it.
+pub const MIN_RETENTION: Duration = Duration::from_secs(30);
+
+impl Options {
+    /// How long the backend keeps an event.
+    pub fn retention(&self) -> Duration {
+        self.history_ttl.max(MIN_RETENTION)
+    }
+}
+
 /// How long a reader waits on the backend before it looks again.
 const READ_BLOCK: Duration = Duration::from_secs(1);
 
@@ -102,7 +114,8 @@ pub struct Options {
     pub prefix: String,
     /// Timeout of one backend request, and of a publish's confirmation.
     pub timeout: Duration,
-    /// How long history lasts (the backend trims to it).
+    /// How long history lasts (the backend keeps events at least
+    /// [`MIN_RETENTION`] beyond their publication whatever it is).
     pub history_ttl: Duration,
     /// A PEM CA for the backend's TLS certificate (default: system roots).
     pub ca: Option<std::path::PathBuf>,
@@ -192,6 +205,8 @@ pub struct Backplane {
     written: tokio::sync::watch::Sender<Written>,
     health: Mutex<Health>,
     ready: AtomicBool,
+    /// The writer has connected at least once.
+    writer_joined: AtomicBool,
     applied: AtomicU64,
     written_count: AtomicU64,
     batches: AtomicU64,
@@ -281,6 +296,7 @@ impl Backplane {
                 ..Health::default()
             }),
             ready: AtomicBool::new(false),
+            writer_joined: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             written_count: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -382,8 +398,14 @@ impl Backplane {
         &self.url
     }
 
-    /// True once the first snapshot has been loaded.
+    /// True once the first snapshot has been loaded and the writer has
+    /// connected (it can then serve and accept publishes). A later outage
+    /// does not make it false (see [`Backplane::up`]).
     pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.writer_joined.load(Ordering::Acquire)
+    }
+
+    fn loaded(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
@@ -579,6 +601,7 @@ impl Backplane {
             batch.clear();
             self.confirmed(last);
             if !self.up() {
+                self.writer_joined.store(true, Ordering::Release);
                 self.set_up(true);
                 self.set(Some("connected"), None, None);
                 tracing::info!(backplane = self.kind, "backplane writer connected");
@@ -651,7 +674,7 @@ impl Backplane {
         cursor: &mut S::Cursor,
         failures: &mut u32,
     ) -> Result<(), Error> {
-        if !self.ready() {
+        if !self.loaded() {
             // Not bounded as a whole (a large history takes a while);
             // each backend request is.
             let lines = store.snapshot(cursor).await?;

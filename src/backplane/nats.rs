@@ -2,7 +2,8 @@
 //!
 //! - Stream `P_events`, subjects `P.e.ORIGIN` (names hex-encoded, so any
 //!   origin makes one valid subject token): every origin's events in id
-//!   order, kept for the history TTL (`max_age`), each with a
+//!   order, kept for the history TTL (`max_age`, at least
+//!   [`super::MIN_RETENTION`]), each with a
 //!   `Nats-Msg-Id` of `ORIGIN:ID` so a rewrite after a lost acknowledgement
 //!   is dropped by JetStream's duplicate window;
 //! - stream `P_retained`, subjects `P.r.ORIGIN.CHANNEL`, one message per
@@ -162,7 +163,7 @@ impl Store for Nats {
             (
                 format!("{prefix}_events"),
                 format!("{prefix}.e.*"),
-                options.history_ttl,
+                options.retention(),
                 -1,
             ),
             (

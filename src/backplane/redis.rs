@@ -6,7 +6,9 @@
 //!   the event's id, so a reader resumes from its position with `XREAD`
 //!   and a rewrite after a reconnection can never reorder or duplicate
 //!   (Redis refuses ids at or below the top). Trimmed by time to the
-//!   history TTL (`MINID ~`: ids are microsecond clocks);
+//!   history TTL, at least [`super::MIN_RETENTION`] (`MINID ~`: ids are
+//!   microsecond clocks), and expiring twice that after its last write,
+//!   so the stream of a node gone for good disappears;
 //! - `P:retained:ORIGIN`: a hash channel → the origin's newest retained
 //!   event, kept past the stream's trimming (one writer per origin, so a
 //!   plain `HSET` in id order is enough);
@@ -43,6 +45,8 @@ pub struct Redis {
     prefix: String,
     me: String,
     ttl_micros: u64,
+    /// How long the stream keeps an event (at least the TTL).
+    retention_micros: u64,
     /// When the reader last dropped origins that left nothing behind.
     pruned: Option<tokio::time::Instant>,
 }
@@ -244,6 +248,7 @@ impl Store for Redis {
             prefix: options.prefix.clone(),
             me: me.to_owned(),
             ttl_micros: u64::try_from(options.history_ttl.as_micros()).unwrap_or(u64::MAX),
+            retention_micros: u64::try_from(options.retention().as_micros()).unwrap_or(u64::MAX),
             pruned: None,
         })
     }
@@ -268,7 +273,7 @@ impl Store for Redis {
         for ev in events {
             let Some(l) = Line::of(ev) else { continue };
             let json = serde_json::to_vec(&l).map_err(|e| Error::Data(e.to_string()))?;
-            let cutoff = ev.id.as_u64().saturating_sub(self.ttl_micros);
+            let cutoff = ev.id.as_u64().saturating_sub(self.retention_micros);
             pipe.cmd("XADD")
                 .arg(self.stream(&l.origin))
                 .arg("MINID")
@@ -288,7 +293,7 @@ impl Store for Redis {
         }
         pipe.cmd("PEXPIRE")
             .arg(self.stream(&me))
-            .arg((self.ttl_micros.saturating_mul(2) / 1000).max(1000))
+            .arg((self.retention_micros.saturating_mul(2) / 1000).max(1000))
             .ignore();
         let (added,): (u64,) = pipe
             .query_async(&mut self.conn)

@@ -567,6 +567,9 @@ async fn redis_a_node_gone_for_good_is_forgotten_and_one_that_returns_is_read() 
     };
     assert!(listed("n1").await);
     c.kill(1).await;
+    // Its stream would expire by itself (after twice the retention, at
+    // least a minute); gone now, as if that minute had passed.
+    redis(server.port, &["DEL".into(), "herald:stream:n1".into()]).await;
     eventually(|| async { !listed("n1").await }).await;
     c.spawn(1);
     c.ready(1).await;
