@@ -16,16 +16,24 @@ const BIN: &str = env!("CARGO_BIN_EXE_herald");
 use crate::support::free_port;
 
 /// Starting a node process for a test: no HERALD_LISTEN from the caller's
-/// environment, no output, killed with the test.
+/// environment, no output (unless HERALD_TEST_LOGS names a directory for
+/// the nodes' logs, for a failure that needs them), killed with the test.
 trait Quiet {
     fn quiet(&mut self) -> Child;
 }
 
 impl Quiet for Command {
     fn quiet(&mut self) -> Child {
+        let log = std::env::var_os("HERALD_TEST_LOGS").map(|dir| {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path =
+                std::path::Path::new(&dir).join(format!("node-{}-{n}.log", std::process::id()));
+            std::fs::File::create(path).unwrap()
+        });
         self.env_remove("HERALD_LISTEN")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.map_or_else(Stdio::null, Stdio::from))
             .kill_on_drop(true)
             .spawn()
             .unwrap()
