@@ -227,14 +227,14 @@ impl Announcer<'_> {
                 {
                     continue;
                 }
-                self.announce(&name, v);
+                self.announce(&name, &uid, v);
             }
         }
         // A Deployment that is gone is announced afresh if it comes back.
         self.announced.retain(|name, _| seen.contains(name));
     }
 
-    fn announce(&mut self, name: &str, v: Version) {
+    fn announce(&mut self, name: &str, uid: &str, v: Version) {
         let channel = deployment_channel(self.namespace, name);
         let previous = self.announced.get(name);
         let Some(current) = v.images.first() else {
@@ -264,7 +264,7 @@ impl Announcer<'_> {
                     Publish {
                         data: Data::Json(json.clone()),
                         event: EventName::parse("version").ok(),
-                        key: None,
+                        key: Some(announcement_key(uid, &v)),
                         retry: None,
                         retain: true,
                     },
@@ -286,5 +286,65 @@ impl Announcer<'_> {
             m.insert(channel, Arc::from(json));
         });
         self.announced.insert(name.to_owned(), v);
+    }
+}
+
+/// The idempotency key of an announcement: the same on every replica that
+/// watches the Deployment, so in a cluster each rollout reaches a
+/// subscriber once, not once per replica (the hub drops a key it has
+/// seen); different for anything that is a new version: a new revision
+/// (rollouts, rollbacks, restarts), new digests (a re-pushed tag), or a
+/// Deployment created again (a new uid).
+fn announcement_key(uid: &str, v: &Version) -> String {
+    let mut images = ring::digest::Context::new(&ring::digest::SHA256);
+    for i in &v.images {
+        for part in [&i.container, &i.name, &i.sha256] {
+            images.update(part.as_bytes());
+            images.update(b"\n");
+        }
+    }
+    let digest: String = images
+        .finish()
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let revision = v.revision.map_or_else(|| "-".to_owned(), |r| r.to_string());
+    format!(
+        "k8s.version:{uid}:{revision}:{}:{digest}",
+        v.pod_template_hash
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::version::Image;
+
+    fn v(revision: u64, hash: &str, sha: &str) -> Version {
+        Version {
+            images: vec![Image {
+                container: "app".into(),
+                name: "app:v1".into(),
+                sha256: sha.into(),
+            }],
+            pod_template_hash: hash.into(),
+            revision: Some(revision),
+        }
+    }
+
+    #[test]
+    fn every_replica_keys_a_version_alike_and_new_versions_apart() {
+        let k = announcement_key("u1", &v(1, "h1", "aa"));
+        assert_eq!(k, announcement_key("u1", &v(1, "h1", "aa")));
+        for other in [
+            announcement_key("u1", &v(3, "h1", "aa")), // a rollback to it
+            announcement_key("u1", &v(1, "h1", "bb")), // a re-pushed tag
+            announcement_key("u1", &v(2, "h2", "aa")), // a restart
+            announcement_key("u2", &v(1, "h1", "aa")), // created again
+        ] {
+            assert_ne!(k, other);
+        }
     }
 }

@@ -121,7 +121,13 @@ fn publish(hub: &Hub, e: &Event) {
         Publish {
             data: Data::Json(compact(e).to_string()),
             event: EventName::parse("k8s.event").ok(),
-            key: None,
+            // The same on every replica watching: one copy per change.
+            key: e
+                .metadata
+                .uid
+                .as_deref()
+                .zip(e.metadata.resource_version.as_deref())
+                .map(|(uid, rv)| format!("k8s.event:{uid}:{rv}")),
             retry: None,
             retain: false,
         },

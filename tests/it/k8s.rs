@@ -1053,3 +1053,66 @@ async fn the_fakes_watches_honour_timeouts_bookmarks_and_expiry() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["reason"], "NotFound");
 }
+
+/// Two replicas in a cluster, both watching: each rollout reaches a
+/// subscriber once, not once per replica (both announce it with the same
+/// idempotency key, and a node drops the copy it learns from the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_all_watch_announce_each_rollout_once() {
+    let fake = FakeKube::start().await;
+    fake.create(FakeKube::deployment(NS, "web", 1, &[("app", "app:v1")]));
+    fake.settle();
+    let ports = [crate::support::free_port(), crate::support::free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut hubs = vec![];
+    for (name, port) in [("a", ports[0]), ("b", ports[1])] {
+        let peers = peers.clone();
+        let hub = herald_on(&fake, all(), |c| {
+            c.node_name = name.into();
+            c.cluster.mode = herald::cluster::Mode::Static;
+            c.cluster.peers = peers;
+            c.cluster.internal_listen = format!("127.0.0.1:{port}").parse().unwrap();
+        })
+        .await;
+        hubs.push(hub);
+    }
+    for h in &hubs {
+        ready(h).await;
+    }
+    let a = &hubs[0];
+    // Node a's position in b's stream (b publishes nothing but its
+    // announcements).
+    let b_on_a = || async {
+        let st = a.status().await;
+        let pos = st["cluster"]["position"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        pos.split(',')
+            .find_map(|e| e.strip_prefix("b="))
+            .map_or(0, |id| id.parse::<u64>().unwrap())
+    };
+    let mut sub = a.sse(&format!("/channel/{}", channel("web"))).await;
+    let mut markers = 0;
+    // Before any rollout: b's first announcement (v1).
+    let mut before = 0;
+    for round in 0..3 {
+        if round > 0 {
+            fake.set_image(NS, "web", "app", &format!("app:v{}", round + 1));
+            fake.settle_deployment(NS, "web");
+        }
+        let v = version(&mut sub).await;
+        assert_eq!(
+            v["current_image"]["name"],
+            format!("docker.io/library/app:v{}", round + 1)
+        );
+        // b's announcement of this version has reached a ...
+        eventually(|| async { b_on_a().await > before }).await;
+        before = b_on_a().await;
+        // ... and was not delivered: the next event is a marker.
+        markers += 1;
+        let marker = format!("marker-{markers}");
+        a.publish(&channel("web"), &marker).await;
+        assert_eq!(sub.next().await.data, marker);
+    }
+}
