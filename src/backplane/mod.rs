@@ -121,16 +121,12 @@ pub struct Options {
     pub ca: Option<std::path::PathBuf>,
 }
 
-/// The cursor a reader keeps across reconnections (backend-specific).
-pub trait Cursor: Default + Send + 'static {}
-impl<T: Default + Send + 'static> Cursor for T {}
-
 /// One connection to a backend, as a writer or a reader uses it.
 pub trait Store: Sized + Send + 'static {
     /// `redis` or `nats`.
     const KIND: &'static str;
     /// What a reader remembers across reconnections.
-    type Cursor: Cursor;
+    type Cursor: Default + Send + 'static;
 
     /// Connects, and creates what the backend needs (streams, keys).
     fn connect(options: &Options, me: &str) -> impl Future<Output = Result<Self, Error>> + Send;
@@ -204,7 +200,8 @@ pub struct Backplane {
     timeout: Duration,
     written: tokio::sync::watch::Sender<Written>,
     health: Mutex<Health>,
-    ready: AtomicBool,
+    /// The first snapshot has been loaded.
+    loaded: AtomicBool,
     /// The writer has connected at least once.
     writer_joined: AtomicBool,
     applied: AtomicU64,
@@ -295,7 +292,7 @@ impl Backplane {
                 reader: "connecting",
                 ..Health::default()
             }),
-            ready: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
             writer_joined: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             written_count: AtomicU64::new(0),
@@ -363,33 +360,19 @@ impl Backplane {
 
     /// Answers other nodes' questions, reconnecting with backoff.
     async fn answer_loop<S: Store>(self: Arc<Self>, options: Options, stop: CancellationToken) {
-        let mut failures = 0u32;
         let hub = self.hub.clone();
         let answer = move |q: &[u8]| answer(&hub, q);
-        loop {
-            if failures > 0 {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff(failures)) => {}
-                }
-            }
-            let connected = tokio::select! {
+        let mut failures = 0u32;
+        while let Some(mut store) = self
+            .connect::<S>(&options, &mut failures, &stop, Role::Listener)
+            .await
+        {
+            failures = 0;
+            let e = tokio::select! {
                 () = stop.cancelled() => return,
-                r = tokio::time::timeout(options.timeout, S::connect(&options, &self.name)) => r,
+                e = store.serve_asks(&answer) => e,
             };
-            let e = match connected {
-                Ok(Ok(mut store)) => {
-                    failures = 0;
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        e = store.serve_asks(&answer) => e,
-                    }
-                }
-                Ok(Err(e)) => e,
-                Err(_) => Error::Backend("connect: timed out".into()),
-            };
-            failures = failures.saturating_add(1);
-            tracing::debug!(backplane = self.kind, error = %e, "the question listener reconnects");
+            self.failed(Role::Listener, &mut failures, &e.to_string());
         }
     }
 
@@ -402,11 +385,7 @@ impl Backplane {
     /// connected (it can then serve and accept publishes). A later outage
     /// does not make it false (see [`Backplane::up`]).
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.writer_joined.load(Ordering::Acquire)
-    }
-
-    fn loaded(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.loaded.load(Ordering::Acquire) && self.writer_joined.load(Ordering::Acquire)
     }
 
     /// True while the writer is connected (publishes are accepted).
@@ -496,9 +475,13 @@ impl Backplane {
         self.written.send_modify(|w| w.up = up);
     }
 
+    /// Raises the confirmed id, waking waiting publishes only if it moved.
     fn confirmed(&self, id: EventId) {
-        self.written
-            .send_modify(|w| w.confirmed = w.confirmed.max(id.as_u64()));
+        self.written.send_if_modified(|w| {
+            let moved = id.as_u64() > w.confirmed;
+            w.confirmed = w.confirmed.max(id.as_u64());
+            moved
+        });
     }
 
     /// Connects `S`, retrying with backoff until it works or `stop`.
@@ -533,7 +516,9 @@ impl Backplane {
     fn failed(&self, role: Role, failures: &mut u32, e: &str) {
         *failures = failures.saturating_add(1);
         let e = format!("{}: {e}", self.kind);
-        if *failures == 1 {
+        // The writer and the reader say it once; the question listener's
+        // failures are the same outage.
+        if *failures == 1 && !matches!(role, Role::Listener) {
             tracing::warn!(backplane = self.kind, role = role.name(), error = %e, "backplane unavailable; retrying with backoff");
         } else {
             tracing::debug!(backplane = self.kind, role = role.name(), error = %e, "backplane still unavailable");
@@ -544,6 +529,7 @@ impl Backplane {
                 self.set(Some("retrying"), None, Some(e));
             }
             Role::Reader => self.set(None, Some("retrying"), Some(e)),
+            Role::Listener => {}
         }
     }
 
@@ -674,7 +660,7 @@ impl Backplane {
         cursor: &mut S::Cursor,
         failures: &mut u32,
     ) -> Result<(), Error> {
-        if !self.loaded() {
+        if !self.loaded.load(Ordering::Acquire) {
             // Not bounded as a whole (a large history takes a while);
             // each backend request is.
             let lines = store.snapshot(cursor).await?;
@@ -684,7 +670,7 @@ impl Backplane {
                 events = n,
                 "loaded the snapshot from the backplane"
             );
-            self.ready.store(true, Ordering::Release);
+            self.loaded.store(true, Ordering::Release);
         }
         self.set(None, Some("connected"), None);
         *failures = 0;
@@ -704,6 +690,8 @@ impl Backplane {
 enum Role {
     Writer,
     Reader,
+    /// The question listener.
+    Listener,
 }
 
 impl Role {
@@ -711,6 +699,7 @@ impl Role {
         match self {
             Self::Writer => "writer",
             Self::Reader => "reader",
+            Self::Listener => "question listener",
         }
     }
 }

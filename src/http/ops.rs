@@ -11,47 +11,42 @@ pub(super) async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+/// Why the node is not ready (`status`, `waiting_for`), or `None`: the
+/// one verdict `/readyz` and `/status` both give.
+fn not_ready(state: &AppState) -> Option<(&'static str, Option<&'static str>)> {
     if state.shutdown.is_cancelled() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "draining" })),
-        )
+        Some(("draining", None))
     } else if state.cluster.as_ref().is_some_and(|c| !c.ready()) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({ "status": "joining", "waiting_for": "the backfill from peers" }),
-            ),
-        )
+        Some(("joining", Some("the backfill from peers")))
     } else if state.backplane.as_ref().is_some_and(|b| !b.ready()) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({ "status": "joining", "waiting_for": "the snapshot from the backplane" }),
-            ),
-        )
+        Some(("joining", Some("the snapshot from the backplane")))
     } else if state.sources.as_ref().is_some_and(|s| !s.synced()) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({ "status": "syncing", "waiting_for": "the Kubernetes watchers' first list" }),
-            ),
-        )
+        Some(("syncing", Some("the Kubernetes watchers' first list")))
     } else {
-        let mut body = serde_json::json!({ "status": "ready" });
-        // A backplane outage does not make the node unready: it still
-        // serves its subscribers, and an unready verdict on every replica
-        // at once would leave the Service with no endpoint at all. It is
-        // reported, and publishes answer 503 until the backplane is back.
-        if let Some(b) = &state.backplane {
-            body["backplane"] = if b.up() { "connected" } else { "unavailable" }.into();
-            if !b.up() {
-                body["publishing"] = "refused".into();
-            }
-        }
-        (StatusCode::OK, Json(body))
+        None
     }
+}
+
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if let Some((status, waiting_for)) = not_ready(&state) {
+        let mut body = serde_json::json!({ "status": status });
+        if let Some(w) = waiting_for {
+            body["waiting_for"] = w.into();
+        }
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
+    let mut body = serde_json::json!({ "status": "ready" });
+    // A backplane outage does not make the node unready: it still serves
+    // its subscribers, and an unready verdict on every replica at once
+    // would leave the Service with no endpoint at all. It is reported, and
+    // publishes answer 503 until the backplane is back.
+    if let Some(b) = &state.backplane {
+        body["backplane"] = if b.up() { "connected" } else { "unavailable" }.into();
+        if !b.up() {
+            body["publishing"] = "refused".into();
+        }
+    }
+    (StatusCode::OK, Json(body))
 }
 
 pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
@@ -59,10 +54,7 @@ pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
     Json(serde_json::json!({
         "node": state.config.node_name,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": !state.shutdown.is_cancelled()
-            && state.sources.as_ref().is_none_or(|s| s.synced())
-            && state.cluster.as_ref().is_none_or(|c| c.ready())
-            && state.backplane.as_ref().is_none_or(|b| b.ready()),
+        "ready": not_ready(&state).is_none(),
         "cluster": state
             .cluster
             .as_ref()
