@@ -53,15 +53,8 @@ impl Server {
     }
 
     async fn start_with(kind: Kind, extra: &[&str]) -> Self {
-        let mut s = Self {
-            kind,
-            port: free_port(),
-            monitor: free_port(),
-            dir: tempdir(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            keeps_data: kind == Kind::Nats,
-            child: None,
-        };
+        let mut s = Self::later(kind);
+        s.extra = extra.iter().map(|s| s.to_string()).collect();
         s.spawn();
         s.wait_up().await;
         s

@@ -575,6 +575,37 @@ async fn peer_traffic_needs_the_secret_and_a_public_internal_listener_needs_one(
     child.kill().await.unwrap();
 }
 
+/// A `--cluster kubernetes` node in namespace `apps` of the fake API
+/// server, finding its peers by `source` (`--kube-service NAME` or
+/// `--kube-selector SELECTOR`).
+fn kube_node(
+    public: u16,
+    internal: &str,
+    name: &str,
+    source: [&str; 2],
+    kubeconfig: &std::path::Path,
+) -> Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{public}"),
+            "--internal-listen",
+            internal,
+            "--node-name",
+            name,
+            "--cluster",
+            "kubernetes",
+            "--kube-namespace",
+            "apps",
+            "--peer-timeout",
+            "2s",
+        ])
+        .args(source)
+        .env("KUBECONFIG", kubeconfig)
+        .quiet()
+}
+
 /// A non-loopback address to bind the internal listener on (all interfaces).
 fn port_less() -> String {
     format!("0.0.0.0:{}", free_port())
@@ -603,31 +634,19 @@ async fn kubernetes_mode_follows_the_ready_endpoints_of_a_service() {
         "endpoints": endpoints([true, true, false], [false; 3]),
     }));
     let publics: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut children = vec![];
-    for (i, public) in publics.iter().enumerate() {
-        children.push(
-            Command::new(BIN)
-                .args([
-                    "serve",
-                    "--listen",
-                    &format!("127.0.0.1:{public}"),
-                    "--internal-listen",
-                    &format!("{}:{port}", ip(i)),
-                    "--node-name",
-                    &format!("k{i}"),
-                    "--cluster",
-                    "kubernetes",
-                    "--kube-service",
-                    "herald",
-                    "--kube-namespace",
-                    "apps",
-                    "--peer-timeout",
-                    "2s",
-                ])
-                .env("KUBECONFIG", &kubeconfig)
-                .quiet(),
-        );
-    }
+    let children: Vec<Child> = publics
+        .iter()
+        .enumerate()
+        .map(|(i, public)| {
+            kube_node(
+                *public,
+                &format!("{}:{port}", ip(i)),
+                &format!("k{i}"),
+                ["--kube-service", "herald"],
+                &kubeconfig,
+            )
+        })
+        .collect();
     // Node 0 follows node 1 (and itself), not the unready node 2.
     let peers_of = |public: u16| async move {
         peers_on(public)
@@ -1054,26 +1073,13 @@ async fn kubernetes_mode_can_follow_the_ready_pods_of_a_selector() {
         .iter()
         .enumerate()
         .map(|(i, public)| {
-            Command::new(BIN)
-                .args([
-                    "serve",
-                    "--listen",
-                    &format!("127.0.0.1:{public}"),
-                    "--internal-listen",
-                    &format!("{}:{port}", ip(i)),
-                    "--node-name",
-                    &format!("s{i}"),
-                    "--cluster",
-                    "kubernetes",
-                    "--kube-selector",
-                    "app=herald",
-                    "--kube-namespace",
-                    "apps",
-                    "--peer-timeout",
-                    "2s",
-                ])
-                .env("KUBECONFIG", &kubeconfig)
-                .quiet()
+            kube_node(
+                *public,
+                &format!("{}:{port}", ip(i)),
+                &format!("s{i}"),
+                ["--kube-selector", "app=herald"],
+                &kubeconfig,
+            )
         })
         .collect();
     let has = |public: u16, i: usize, state: &'static str| async move {
