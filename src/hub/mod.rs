@@ -16,6 +16,7 @@ mod id;
 mod name;
 mod outbox;
 mod position;
+mod replay;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub use id::{EventId, IdGen, InvalidEventId};
 pub use name::{ChannelName, ClientId, EventName, InvalidName};
 pub use outbox::{Batch, Closed, Item, Outbox, Pushed};
 pub use position::{MAX_ORIGINS, Origin, Position, valid_origin};
+pub use replay::Replay;
 
 /// Errors from hub operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +183,9 @@ struct Channel {
 #[derive(Debug)]
 struct ChannelState {
     history: VecDeque<SharedEvent>,
+    /// The history position of `history[0]`: how many events were ever
+    /// dropped from its front (replay cursors count in positions).
+    front_seq: u64,
     /// The newest event id dropped from history (0 = none): a subscriber
     /// resuming from before it has a gap.
     lost_upto: EventId,
@@ -219,6 +224,7 @@ impl ChannelState {
 
     fn evict_front(&mut self) {
         if let Some(ev) = self.history.pop_front() {
+            self.front_seq += 1;
             match &ev.origin {
                 Some(o) => self.lost_by_origin.advance(o, ev.id),
                 None => self.lost_upto = self.lost_upto.max(ev.id),
@@ -244,21 +250,6 @@ impl ChannelState {
             self.keys = HashMap::new();
         }
     }
-
-    /// Everything retained, for a reset: the retained value first unless
-    /// history holds it, then history.
-    /// With `seen`, the retained value is left out if the client had it.
-    fn everything(&self, seen: Option<EventId>) -> Vec<Item> {
-        let mut items = Vec::with_capacity(self.history.len() + 1);
-        if let Some(r) = &self.retained {
-            let in_history = self.history.front().is_some_and(|f| r.id >= f.id);
-            if !in_history && seen.is_none_or(|s| r.id > s) {
-                items.push(Item::Event(r.clone()));
-            }
-        }
-        items.extend(self.history.iter().cloned().map(Item::Event));
-        items
-    }
 }
 
 impl ChannelState {
@@ -270,15 +261,6 @@ impl ChannelState {
             .as_ref()
             .filter(|r| !self.history.iter().any(|h| Arc::ptr_eq(h, r)));
         retained.into_iter().chain(self.history.iter())
-    }
-
-    /// What a client at position `p` has not seen, of what is kept.
-    fn unseen(&self, p: &Position) -> Vec<Item> {
-        self.kept()
-            .filter(|e| e.origin.as_ref().is_none_or(|o| !p.covers(o, e.id)))
-            .cloned()
-            .map(Item::Event)
-            .collect()
     }
 }
 
@@ -301,10 +283,12 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let idle = {
             let mut st = self.channel.state.lock();
-            if let Some(sub) = st.subscribers.try_remove(self.key)
-                && st.clients.get(&sub.client) == Some(&self.key)
-            {
-                st.clients.remove(&sub.client);
+            if let Some(sub) = st.subscribers.try_remove(self.key) {
+                if st.clients.get(&sub.client) == Some(&self.key) {
+                    st.clients.remove(&sub.client);
+                }
+                // What it had still to replay goes with it.
+                sub.outbox.drop_replays(&self.channel.name);
             }
             if st.subscribers.is_empty() && st.subscribers.capacity() > 16 {
                 st.subscribers.shrink_to_fit();
@@ -407,6 +391,7 @@ impl Hub {
                             name: name.clone(),
                             state: Mutex::new(ChannelState {
                                 history: VecDeque::new(),
+                                front_seq: 0,
                                 lost_upto: EventId::from_u64(
                                     self.freed_watermark.load(Ordering::Acquire),
                                 ),
@@ -745,7 +730,7 @@ impl Hub {
         from: &Resume,
     ) -> Result<Subscription> {
         let now = Instant::now();
-        let (key, ch, _) = self.with_channel(channel, |_, st| {
+        let (key, ch, _) = self.with_channel(channel, |ch, st| {
             if st.clients.contains_key(client) {
                 return Err(Error::ClientIdTaken {
                     channel: channel.clone(),
@@ -753,46 +738,14 @@ impl Hub {
                 });
             }
             st.expire(now, self.config.history_ttl);
-            let replay = match from {
-                Resume::Fresh => st.retained.iter().cloned().map(Item::Event).collect(),
-                Resume::After(after) => {
-                    if self.config.origin.is_some() {
-                        self.reset(st, channel, None, "the event id is not a cluster position")
-                    } else if *after < self.ids.boot() || *after > self.ids.last() {
-                        self.reset(st, channel, None, "the event id is unknown to this hub")
-                    } else if st.lost_upto > *after {
-                        let reason = "events after this id are no longer retained";
-                        self.reset(st, channel, Some(*after), reason)
-                    } else {
-                        let start = st.history.partition_point(|e| e.id <= *after);
-                        st.history
-                            .range(start..)
-                            .cloned()
-                            .map(Item::Event)
-                            .collect()
-                    }
-                }
-                Resume::Position(p) if self.config.origin.is_some() => {
-                    if st.lost_by_origin.iter().any(|(o, lost)| lost > p.get(o)) {
-                        let mut items = vec![Item::Reset(Arc::new(Reset {
-                            channel: channel.clone(),
-                            reason: "events after this id are no longer retained".to_owned(),
-                        }))];
-                        items.extend(st.unseen(p));
-                        items
-                    } else {
-                        st.unseen(p)
-                    }
-                }
-                Resume::Position(_) | Resume::Unknown(_) => {
-                    self.reset(st, channel, None, "the event id is not one herald issued")
-                }
-            };
-            outbox.push_replay(replay);
             let skip = match from {
                 Resume::Position(p) if self.config.origin.is_some() => Some(Arc::new(p.clone())),
                 _ => None,
             };
+            let replay = self.replay(ch, st, from, skip.clone());
+            if !replay.is_done() && outbox.push_replay(replay) == Pushed::Overflowed {
+                self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+            }
             let key = st.subscribers.insert(Sub {
                 outbox: outbox.clone(),
                 client: client.clone(),
@@ -809,19 +762,61 @@ impl Hub {
         })
     }
 
-    fn reset(
+    /// The cursor over what a subscriber starting at `from` must be sent
+    /// before live events. Call it under the channel's lock.
+    fn replay(
         &self,
+        ch: &Arc<Channel>,
         st: &ChannelState,
-        channel: &ChannelName,
-        seen: Option<EventId>,
-        reason: &str,
-    ) -> Vec<Item> {
-        let mut items = vec![Item::Reset(Arc::new(Reset {
-            channel: channel.clone(),
-            reason: reason.to_owned(),
-        }))];
-        items.extend(st.everything(seen));
-        items
+        from: &Resume,
+        skip: Option<Arc<Position>>,
+    ) -> Replay {
+        let end = st.front_seq + st.history.len() as u64;
+        let reset = |reason: &str| {
+            Some(Arc::new(Reset {
+                channel: ch.name.clone(),
+                reason: reason.to_owned(),
+            }))
+        };
+        // The retained value, when history does not hold it.
+        let retained_alone = || {
+            st.retained
+                .clone()
+                .filter(|r| !st.history.iter().any(|h| Arc::ptr_eq(h, r)))
+        };
+        // A reset, then everything kept (the retained value only if the
+        // client may not have had it: newer than `seen`).
+        let everything = |seen: Option<EventId>, reason: &str| {
+            let retained = retained_alone().filter(|r| seen.is_none_or(|s| r.id > s));
+            Replay::new(ch.clone(), reset(reason), retained, st.front_seq, end, None)
+        };
+        match from {
+            Resume::Fresh => Replay::new(ch.clone(), None, st.retained.clone(), end, end, None),
+            Resume::After(_) if self.config.origin.is_some() => {
+                everything(None, "the event id is not a cluster position")
+            }
+            Resume::After(after) if *after < self.ids.boot() || *after > self.ids.last() => {
+                everything(None, "the event id is unknown to this hub")
+            }
+            Resume::After(after) if st.lost_upto > *after => {
+                everything(Some(*after), "events after this id are no longer retained")
+            }
+            Resume::After(after) => {
+                let start = st.history.partition_point(|e| e.id <= *after) as u64;
+                Replay::new(ch.clone(), None, None, st.front_seq + start, end, None)
+            }
+            Resume::Position(p) if self.config.origin.is_some() => {
+                let gap = st.lost_by_origin.iter().any(|(o, lost)| lost > p.get(o));
+                let reason = "events after this id are no longer retained";
+                let retained = retained_alone()
+                    .filter(|r| r.origin.as_ref().is_none_or(|o| !p.covers(o, r.id)));
+                let reset = if gap { reset(reason) } else { None };
+                Replay::new(ch.clone(), reset, retained, st.front_seq, end, skip)
+            }
+            Resume::Position(_) | Resume::Unknown(_) => {
+                everything(None, "the event id is not one herald issued")
+            }
+        }
     }
 
     /// Expires old history and frees idle channels. Run it periodically.

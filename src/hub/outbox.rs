@@ -15,6 +15,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::event::{Reset, SharedEvent};
+use super::name::ChannelName;
+use super::replay::{BATCH_BYTES, CURSOR_COST, Replay};
 
 /// Something to send to one connection.
 #[derive(Debug, Clone)]
@@ -23,6 +25,16 @@ pub enum Item {
     Event(SharedEvent),
     /// The subscriber's position could not be honoured on this channel.
     Reset(Arc<Reset>),
+}
+
+impl Item {
+    /// What the item costs a subscriber queue, in bytes.
+    pub fn cost(&self) -> usize {
+        match self {
+            Self::Event(e) => e.cost(),
+            Self::Reset(r) => r.channel.as_str().len() + r.reason.len() + 64,
+        }
+    }
 }
 
 /// Why an outbox stopped accepting items.
@@ -54,9 +66,27 @@ pub struct Outbox {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Live items, in order.
     items: VecDeque<Item>,
+    /// Replay cursors, in order, each with how many of `items` are ahead of
+    /// it. Empty (the usual case), the writer takes `items` whole.
+    replays: VecDeque<(usize, Replay)>,
+    /// What `items` and `replays` cost against the limit.
     bytes: usize,
     closed: Option<Closed>,
+}
+
+impl State {
+    fn close(&mut self, reason: Closed) {
+        self.closed = Some(reason);
+        self.items = VecDeque::new();
+        self.replays = VecDeque::new();
+        self.bytes = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.replays.is_empty()
+    }
 }
 
 /// What the writer gets.
@@ -78,22 +108,36 @@ impl Outbox {
         })
     }
 
-    /// Queues a live item that costs `cost` bytes against the limit.
+    /// Queues a live item that costs `cost` bytes against the limit
+    /// (`cost` must be [`Item::cost`]).
     pub fn push(&self, item: Item, cost: usize) -> Pushed {
+        self.enqueue(cost, |st| st.items.push_back(item))
+    }
+
+    /// Queues a replay. The events it will read are shared with history
+    /// and are not counted; the cursor itself costs a small constant, so a
+    /// client that subscribes again and again without reading is cut off
+    /// like any slow one.
+    pub(super) fn push_replay(&self, replay: Replay) -> Pushed {
+        self.enqueue(CURSOR_COST, |st| {
+            let ahead = st.items.len();
+            st.replays.push_back((ahead, replay));
+        })
+    }
+
+    fn enqueue(&self, cost: usize, put: impl FnOnce(&mut State)) -> Pushed {
         let mut st = self.state.lock();
         if st.closed.is_some() {
             return Pushed::Closed;
         }
         if st.bytes + cost > self.limit {
-            st.closed = Some(Closed::Slow);
-            st.items = VecDeque::new();
-            st.bytes = 0;
+            st.close(Closed::Slow);
             drop(st);
             self.notify.notify_one();
             return Pushed::Overflowed;
         }
-        let was_empty = st.items.is_empty();
-        st.items.push_back(item);
+        let was_empty = st.is_empty();
+        put(&mut st);
         st.bytes += cost;
         drop(st);
         if was_empty {
@@ -102,25 +146,21 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Queues replayed items. They do not count against the limit: they are
-    /// shared with history already, and a resuming client is behind by
-    /// design, not because it is slow.
-    pub fn push_replay(&self, items: impl IntoIterator<Item = Item>) {
+    /// Forgets the replays still queued for `channel` (its subscription
+    /// ended). Live items of that channel stay; writers skip them.
+    pub(super) fn drop_replays(&self, channel: &ChannelName) {
         let mut st = self.state.lock();
-        if st.closed.is_some() {
+        if st.replays.is_empty() {
             return;
         }
-        let was_empty = st.items.is_empty();
-        st.items.extend(items);
-        let now_empty = st.items.is_empty();
-        drop(st);
-        if was_empty && !now_empty {
-            self.notify.notify_one();
-        }
+        let before = st.replays.len();
+        st.replays.retain(|(_, r)| r.channel() != channel);
+        let dropped = before - st.replays.len();
+        st.bytes = st.bytes.saturating_sub(dropped * CURSOR_COST);
     }
 
     /// Waits until there is something to write or the outbox is closed,
-    /// then takes all of it. Cancel-safe.
+    /// then takes it. Cancel-safe.
     pub async fn next_batch(&self) -> Batch {
         loop {
             if let Some(batch) = self.try_batch() {
@@ -130,17 +170,52 @@ impl Outbox {
         }
     }
 
-    /// Takes whatever is queued without waiting.
+    /// Takes what is ready without waiting: every live item queued up to
+    /// the next replay, or the next bounded batch of a replay (about
+    /// 64 KiB; the rest stays queued for the next call).
     pub fn try_batch(&self) -> Option<Batch> {
-        let mut st = self.state.lock();
-        if let Some(reason) = st.closed {
-            return Some(Batch::Closed(reason));
+        loop {
+            let mut st = self.state.lock();
+            if let Some(reason) = st.closed {
+                return Some(Batch::Closed(reason));
+            }
+            let ahead = match st.replays.front() {
+                None if st.items.is_empty() => return None,
+                None => {
+                    st.bytes = 0;
+                    return Some(Batch::Items(std::mem::take(&mut st.items)));
+                }
+                Some((ahead, _)) => *ahead,
+            };
+            if ahead > 0 {
+                let taken: VecDeque<Item> = st.items.drain(..ahead).collect();
+                let cost: usize = taken.iter().map(Item::cost).sum();
+                st.bytes = st.bytes.saturating_sub(cost);
+                for (a, _) in &mut st.replays {
+                    *a -= ahead;
+                }
+                return Some(Batch::Items(taken));
+            }
+            let Some((_, mut replay)) = st.replays.pop_front() else {
+                return None; // unreachable: the front was just seen
+            };
+            // Lock order is channel, then outbox: pull without ours.
+            drop(st);
+            let mut out = Vec::new();
+            replay.pull(BATCH_BYTES, &mut out);
+            let mut st = self.state.lock();
+            if let Some(reason) = st.closed {
+                return Some(Batch::Closed(reason));
+            }
+            if replay.is_done() {
+                st.bytes = st.bytes.saturating_sub(CURSOR_COST);
+            } else {
+                st.replays.push_front((0, replay));
+            }
+            if !out.is_empty() {
+                return Some(Batch::Items(out.into()));
+            }
         }
-        if st.items.is_empty() {
-            return None;
-        }
-        st.bytes = 0;
-        Some(Batch::Items(std::mem::take(&mut st.items)))
     }
 
     /// True once the outbox has been closed.
@@ -207,14 +282,6 @@ mod tests {
             assert_eq!(o.push(ev(round), 20), Pushed::Queued);
             ids(o.next_batch().await);
         }
-    }
-
-    #[tokio::test]
-    async fn replay_does_not_count_against_the_limit() {
-        let o = Outbox::new(15);
-        o.push_replay((1..=100).map(ev));
-        assert_eq!(o.push(ev(101), 10), Pushed::Queued);
-        assert_eq!(ids(o.next_batch().await).len(), 101);
     }
 
     #[tokio::test]

@@ -23,12 +23,24 @@ fn text(s: &str) -> Publish {
     }
 }
 
+/// Everything an outbox holds now (replays read to their end), batch by
+/// batch, as the writer takes it.
+fn take_all(o: &Outbox) -> Result<Vec<Item>, Closed> {
+    let mut out = vec![];
+    loop {
+        match o.try_batch() {
+            None => return Ok(out),
+            Some(Batch::Closed(c)) => return Err(c),
+            Some(Batch::Items(items)) => out.extend(items),
+        }
+    }
+}
+
 /// What an outbox holds, as "data" strings and "reset:<channel>".
 fn drain(o: &Outbox) -> Vec<String> {
-    match o.try_batch() {
-        None => vec![],
-        Some(Batch::Closed(c)) => vec![format!("closed:{c:?}")],
-        Some(Batch::Items(items)) => items
+    match take_all(o) {
+        Err(c) => vec![format!("closed:{c:?}")],
+        Ok(items) => items
             .into_iter()
             .map(|i| match i {
                 Item::Event(e) => e.data.as_text().to_owned(),
@@ -345,10 +357,7 @@ mod cluster {
     }
 
     fn drain(outbox: &Arc<Outbox>) -> Vec<Item> {
-        match outbox.try_batch() {
-            Some(Batch::Items(items)) => items.into_iter().collect(),
-            _ => vec![],
-        }
+        take_all(outbox).unwrap_or_default()
     }
 
     /// Copies node `from`'s own events to `to`, as a peer stream does.
@@ -497,5 +506,136 @@ mod cluster {
             )
             .unwrap();
         assert_eq!(data(&drain(&plain)[0]), "RESET");
+    }
+}
+
+mod replay {
+    use super::*;
+
+    fn big(n: usize, size: usize) -> Publish {
+        text(&format!("{n:06}{}", "x".repeat(size - 6)))
+    }
+
+    /// A resume on a long history is read a bounded batch at a time, in
+    /// order, after the reset; what is queued per connection stays small.
+    #[test]
+    fn is_read_from_history_in_bounded_batches() {
+        let hub = Hub::new(cfg(1000));
+        for n in 0..200 {
+            hub.publish(&ch("a"), big(n, 10_000));
+        }
+        let (o, _s) = sub(&hub, "a", &Resume::Unknown("garbage".into()));
+        let mut got = vec![];
+        let mut batches = 0;
+        while let Some(Batch::Items(items)) = o.try_batch() {
+            batches += 1;
+            let bytes: usize = items.iter().map(Item::cost).sum();
+            assert!(
+                bytes <= super::super::replay::BATCH_BYTES + 10_100,
+                "{bytes}"
+            );
+            got.extend(items);
+        }
+        assert!(batches >= 20, "{batches}");
+        assert!(matches!(got[0], Item::Reset(_)));
+        let data: Vec<_> = got[1..]
+            .iter()
+            .map(|i| match i {
+                Item::Event(e) => e.data.as_text()[..6].to_owned(),
+                Item::Reset(_) => "reset".into(),
+            })
+            .collect();
+        let want: Vec<_> = (0..200).map(|n| format!("{n:06}")).collect();
+        assert_eq!(data, want);
+    }
+
+    /// Live events published during a replay come after it, each once.
+    #[test]
+    fn live_events_follow_the_replay() {
+        let hub = Hub::new(cfg(1000));
+        for n in 0..50 {
+            hub.publish(&ch("a"), big(n, 4_000));
+        }
+        let first = hub.ids.boot();
+        let (o, _s) = sub(&hub, "a", &Resume::After(first));
+        let Some(Batch::Items(first_batch)) = o.try_batch() else {
+            panic!()
+        };
+        let sent = first_batch.len();
+        assert!(sent < 50, "{sent}");
+        for n in 50..60 {
+            hub.publish(&ch("a"), big(n, 4_000));
+        }
+        let rest = drain(&o);
+        let want: Vec<_> = (sent..60).map(|n| format!("{n:06}")).collect();
+        let got: Vec<_> = rest.iter().map(|d| d[..6].to_owned()).collect();
+        assert_eq!(got, want);
+    }
+
+    /// History evicted before a slow reader's replay reached it: a reset,
+    /// then what is left. Nothing is skipped silently.
+    #[test]
+    fn eviction_during_a_replay_is_a_reset() {
+        let hub = Hub::new(cfg(100));
+        for n in 0..100 {
+            hub.publish(&ch("a"), big(n, 4_000));
+        }
+        let (o, _s) = sub(&hub, "a", &Resume::After(hub.ids.boot()));
+        let Some(Batch::Items(first)) = o.try_batch() else {
+            panic!()
+        };
+        let sent = first.len();
+        assert!(sent < 50, "{sent}");
+        // 60 more: the first 60 of history go, most of them unsent.
+        for n in 100..160 {
+            hub.publish(&ch("a"), big(n, 100));
+        }
+        let rest = drain(&o);
+        assert_eq!(rest[0], "reset:a");
+        let got: Vec<_> = rest[1..].iter().map(|d| d[..6].to_owned()).collect();
+        let want: Vec<_> = (60..160).map(|n| format!("{n:06}")).collect();
+        assert_eq!(got, want);
+    }
+
+    /// Subscribing again and again without reading queues no replays: an
+    /// ended subscription takes its cursor with it.
+    #[test]
+    fn an_ended_subscription_drops_its_replay() {
+        let hub = Hub::new(Config {
+            max_queued_bytes: 4096,
+            ..cfg(1000)
+        });
+        for n in 0..100 {
+            hub.publish(&ch("a"), big(n, 10_000));
+        }
+        let o = hub.outbox();
+        let client = ClientId::generate();
+        for _ in 0..1000 {
+            let s = hub
+                .subscribe(&ch("a"), &client, &o, &Resume::Unknown("x".into()))
+                .unwrap();
+            drop(s);
+        }
+        assert!(!o.is_closed());
+        assert!(drain(&o).is_empty());
+    }
+
+    /// Replays still queued count a small constant each, so a client that
+    /// keeps subscribing without reading is cut off like a slow one.
+    #[test]
+    fn queued_replays_count_against_the_limit() {
+        let hub = Hub::new(Config {
+            max_queued_bytes: 10 * super::super::replay::CURSOR_COST,
+            ..cfg(1000)
+        });
+        let o = hub.outbox();
+        let client = ClientId::generate();
+        let mut subs = vec![];
+        for c in 0..20 {
+            let name = ch(&format!("c{c}"));
+            hub.publish(&name, text("x"));
+            subs.push(hub.subscribe(&name, &client, &o, &Resume::Unknown("x".into())));
+        }
+        assert!(o.is_closed());
     }
 }

@@ -1,0 +1,232 @@
+//! A `herald serve` process on free loopback ports, its RSS, raw clients.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Longest any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A running `herald serve`; killed when dropped.
+pub struct Herald {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub internal: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Herald {
+    /// Starts `herald serve` with `args` and waits until `/healthz` answers.
+    pub async fn start(args: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let internal: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string()])
+            .args(["--internal-listen", &internal.to_string()])
+            .args(["--node-name", "hostile"])
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("HERALD_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true);
+        let child = cmd.spawn().unwrap();
+        let http = herald::cli::http_client().unwrap();
+        let h = Self {
+            child,
+            addr,
+            internal,
+            http,
+        };
+        eventually(|| async { h.get_status("/healthz").await == Some(200) }).await;
+        h
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn get_status(&self, path: &str) -> Option<u16> {
+        let r = self.http.get(self.url(path)).send().await.ok()?;
+        Some(r.status().as_u16())
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let r = self.http.get(self.url("/status")).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
+    /// Resident memory of the process, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+
+    /// Publishes `n` events of `size` bytes to `channel`, 8 at a time.
+    pub async fn fill(&self, channel: &str, n: usize, size: usize) {
+        let body = "x".repeat(size);
+        let url = self.url(&format!("/channel/{channel}"));
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(8);
+            let sends = (0..k).map(|_| self.http.post(&url).body(body.clone()).send());
+            for r in futures_util::future::join_all(sends).await {
+                assert_eq!(r.unwrap().status(), 202);
+            }
+            left -= k;
+        }
+    }
+
+    /// Publishes one text event; returns the status.
+    pub async fn publish(&self, channel: &str, data: &str) -> u16 {
+        let r = self
+            .http
+            .post(self.url(&format!("/channel/{channel}")))
+            .body(data.to_owned())
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Polls an observable condition until it holds; fails after [`WAIT`].
+pub async fn eventually<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A socket with a small receive buffer (a client that will not read),
+/// from `127.0.0.x`.
+pub async fn tiny_socket(addr: SocketAddr, from: u8) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(format!("127.0.0.{from}:0").parse().unwrap())
+        .unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// Reads until `needle` has been seen or the peer closes; returns all read.
+pub async fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {:?}; got {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(&buf)
+                )
+            })
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf
+}
+
+/// Reads until the peer closes (EOF or reset); the bytes read, or a panic
+/// after `within`.
+pub async fn read_to_close(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => panic!(
+                "not closed within {within:?}; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(Ok(0) | Err(_)) => return buf,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A masked client text frame.
+pub fn ws_text(payload: &[u8]) -> Vec<u8> {
+    ws_frame(0x81, payload)
+}
+
+/// A masked client frame with first byte `first`.
+pub fn ws_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [7u8, 1, 9, 3];
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Opens a WebSocket on a raw socket and reads the 101.
+pub async fn ws_open(stream: &mut TcpStream, query: &str) {
+    let req = format!(
+        "GET /ws{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let head = read_until(stream, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+}
