@@ -59,6 +59,7 @@ fn fan_out(c: &mut Criterion) {
         history_size: 100,
         history_ttl: Duration::from_secs(600),
         max_queued_bytes: 1 << 30,
+        max_channels: usize::MAX,
         origin: None,
     });
     let channel = ChannelName::parse("fanout").unwrap();

@@ -197,18 +197,14 @@ impl App {
                 shutdown.clone(),
                 tasks.clone(),
             );
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = axum::serve(listener, router)
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await
-                {
-                    tracing::error!(error = %e, "the internal listener failed");
-                }
-            });
+            tasks.spawn(http::serve_internal(
+                listener,
+                router,
+                config.limits.clone(),
+                config.write_timeout,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
             tracing::info!(%addr, mode = ?config.cluster.mode, "internal listener for peers");
             cluster::Node::start(
                 &config.node_name,
@@ -252,6 +248,7 @@ impl App {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             ticks,
+            admission: http::Admission::new(config.limits.clone()),
         };
         let router = http::router(state.clone());
         if let Some((listener, addr)) = compat {

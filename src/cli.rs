@@ -107,6 +107,24 @@ pub struct ServeArgs {
     /// A write blocked this long drops the connection.
     #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     pub write_timeout: Duration,
+    /// A new connection must send its first request head within this.
+    #[arg(long, env = "HERALD_HEAD_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    pub head_timeout: Duration,
+    /// A kept-alive connection must send its next request head within this (the idle timeout).
+    #[arg(long, env = "HERALD_KEEP_ALIVE_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    pub keep_alive_timeout: Duration,
+    /// A request body must arrive within this.
+    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    pub body_timeout: Duration,
+    /// Connections still sending their first request head; more are closed at once.
+    #[arg(long, env = "HERALD_MAX_HANDSHAKES", value_name = "N", default_value_t = config::DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+    /// Open connections per client address (0 = no limit; behind a proxy every client has the proxy's address).
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    pub max_connections_per_ip: usize,
+    /// Channels kept; a subscribe or publish that would create one more is refused with 503.
+    #[arg(long, env = "HERALD_MAX_CHANNELS", value_name = "N", default_value_t = config::DEFAULT_MAX_CHANNELS)]
+    pub max_channels: usize,
     /// Kubeconfig file [default: the in-cluster service account, then KUBECONFIG, then ~/.kube/config].
     #[arg(long, env = "HERALD_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<std::path::PathBuf>,
@@ -344,6 +362,14 @@ impl ServeArgs {
             cors,
             shutdown_grace: self.shutdown_grace,
             write_timeout: self.write_timeout,
+            limits: config::Limits {
+                head_timeout: self.head_timeout,
+                keep_alive_timeout: self.keep_alive_timeout,
+                body_timeout: self.body_timeout,
+                max_handshakes: self.max_handshakes,
+                max_connections_per_ip: self.max_connections_per_ip,
+                max_channels: self.max_channels,
+            },
         };
         config.validate()?;
         Ok(config)

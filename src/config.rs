@@ -85,6 +85,53 @@ pub const MAX_CHANNELS_PER_CONNECTION: usize = 256;
 /// Largest message a WebSocket client may send.
 pub const MAX_WS_CLIENT_MESSAGE_BYTES: usize = 16 * 1024;
 
+/// What a client can make a node hold, and how long it may take: the
+/// protections against hostile clients (README, "Limits and protections").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// A new connection must send its first request head within this.
+    pub head_timeout: Duration,
+    /// A kept-alive connection must send its next request head within this
+    /// of the previous response (so it is also the idle timeout).
+    pub keep_alive_timeout: Duration,
+    /// A request body must arrive within this.
+    pub body_timeout: Duration,
+    /// Connections still sending their first request head; more are closed
+    /// at once.
+    pub max_handshakes: usize,
+    /// Open connections per client address (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// Channels the node keeps; subscribing to or publishing on a new one
+    /// beyond this is refused with 503.
+    pub max_channels: usize,
+}
+
+/// Default for [`Limits::head_timeout`].
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`Limits::keep_alive_timeout`].
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`Limits::body_timeout`].
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`Limits::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 8192;
+/// Default for [`Limits::max_connections_per_ip`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 4096;
+/// Default for [`Limits::max_channels`].
+pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            keep_alive_timeout: DEFAULT_KEEP_ALIVE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_channels: DEFAULT_MAX_CHANNELS,
+        }
+    }
+}
+
 /// Configuration of a hub node.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -114,6 +161,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// A write blocked this long drops the connection.
     pub write_timeout: Duration,
+    /// Timeouts and bounds on what clients can make the node hold.
+    pub limits: Limits,
     /// Kubernetes sources (Deployment versions, Events).
     pub kube: crate::k8s::Options,
     /// The spa-reloader compatible WebSocket listener, if any.
@@ -139,6 +188,7 @@ impl Config {
             cors: Cors::Off,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            limits: Limits::default(),
             kube: crate::k8s::Options {
                 resync: DEFAULT_RESYNC,
                 ..crate::k8s::Options::default()
@@ -156,6 +206,14 @@ impl Config {
             ("--max-message-bytes", self.max_message_bytes == 0),
             ("--max-queued-bytes", self.max_queued_bytes == 0),
             ("--write-timeout", self.write_timeout.is_zero()),
+            ("--head-timeout", self.limits.head_timeout.is_zero()),
+            (
+                "--keep-alive-timeout",
+                self.limits.keep_alive_timeout.is_zero(),
+            ),
+            ("--body-timeout", self.limits.body_timeout.is_zero()),
+            ("--max-handshakes", self.limits.max_handshakes == 0),
+            ("--max-channels", self.limits.max_channels == 0),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(ConfigError::Zero { flag });
@@ -230,6 +288,7 @@ impl Config {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
             max_queued_bytes: self.max_queued_bytes,
+            max_channels: self.limits.max_channels,
             origin: self
                 .cluster
                 .enabled()

@@ -42,6 +42,7 @@ async fn memory_returns_to_baseline_after_a_million_short_lived_channels() {
         history_size: 10,
         history_ttl: Duration::from_secs(60),
         max_queued_bytes: 1 << 20,
+        max_channels: usize::MAX,
         origin: None,
     });
     // Warm up: lazily allocated runtime and map state is not a leak.

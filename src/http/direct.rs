@@ -157,6 +157,7 @@ pub(super) async fn serve(
         return;
     }
     let mut wrote = false;
+    let mut extra = 0usize;
     loop {
         let chunk = tokio::select! {
             biased;
@@ -175,7 +176,7 @@ pub(super) async fn serve(
                 Bytes::from_static(sse::HEARTBEAT)
             }
             r = stream.readable() => {
-                if r.is_err() || client_left(&stream) {
+                if r.is_err() || client_left(&stream, &mut extra) {
                     return;
                 }
                 continue;
@@ -188,18 +189,24 @@ pub(super) async fn serve(
     }
 }
 
-/// True if the client closed its side (or the socket failed). Extra bytes
-/// (a pipelined request) are read and ignored: this connection ends with
-/// the stream anyway.
-fn client_left(stream: &TcpStream) -> bool {
-    let mut scratch = [0u8; 64];
-    loop {
-        match stream.try_read(&mut scratch) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+/// Bytes a subscriber may send after its request (a stray line end, a
+/// pipelined request that will never be answered) before it is closed.
+const MAX_EXTRA_BYTES: usize = 1024;
+
+/// True if the client closed its side, the socket failed, or the client
+/// has sent more than [`MAX_EXTRA_BYTES`] after its request (an SSE client
+/// has nothing to say; one that keeps talking only costs CPU). One read
+/// per wake-up: a client that never stops sending cannot hold the task.
+fn client_left(stream: &TcpStream, extra: &mut usize) -> bool {
+    let mut scratch = [0u8; 256];
+    match stream.try_read(&mut scratch) {
+        Ok(0) => true,
+        Ok(n) => {
+            *extra += n;
+            *extra > MAX_EXTRA_BYTES
         }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
     }
 }
 

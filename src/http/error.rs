@@ -45,6 +45,7 @@ impl From<crate::hub::Error> for ApiError {
         let status = match e {
             E::ClientIdTaken { .. } => StatusCode::CONFLICT,
             E::NoSuchClient { .. } => StatusCode::NOT_FOUND,
+            E::TooManyChannels { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, e)
     }

@@ -30,7 +30,7 @@ use crate::hub::{ChannelName, Hub};
 
 pub use error::ApiError;
 pub use listener::Peer;
-pub use server::serve;
+pub use server::{Admission, serve, serve_internal};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -52,6 +52,8 @@ pub struct State {
     /// Ticks every `--heartbeat`: one shared timer instead of one per idle
     /// stream (see [`heartbeat`]).
     pub ticks: tokio::sync::watch::Receiver<u64>,
+    /// The public listener's connection bounds and counters.
+    pub admission: Arc<Admission>,
 }
 
 /// Drives the shared heartbeat: `tx` ticks every `every` until `shutdown`.
@@ -77,6 +79,7 @@ impl State {
     pub fn new(config: Config) -> Self {
         Self {
             hub: Hub::new(config.hub()),
+            admission: Admission::new(config.limits.clone()),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -1,11 +1,12 @@
 //! Operations endpoints: liveness, readiness, status.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
-use super::State as AppState;
+use super::{ApiError, State as AppState};
+use crate::hub::StatusQuery;
 
 pub(super) async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
@@ -49,9 +50,43 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (StatusCode::OK, Json(body))
 }
 
-pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    let hub = state.hub.status();
-    Json(serde_json::json!({
+/// Most channels one `/status` answer lists.
+const MAX_STATUS_CHANNELS: usize = 1000;
+
+/// `?prefix=P&channels=N`: which channels `/status` lists.
+fn status_query(query: Option<&str>) -> Result<StatusQuery, ApiError> {
+    let mut q = StatusQuery::default();
+    for (k, v) in super::query_pairs(query) {
+        match k.as_str() {
+            "prefix" => q.prefix = v,
+            "channels" => {
+                q.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= MAX_STATUS_CHANNELS)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "channels={v:?}: expected a number from 0 to {MAX_STATUS_CHANNELS}"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}: expected prefix or channels"
+                )));
+            }
+        }
+    }
+    Ok(q)
+}
+
+pub(super) async fn status(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let q = status_query(query.as_deref())?;
+    let hub = state.hub.status(&q);
+    Ok(Json(serde_json::json!({
         "node": state.config.node_name,
         "version": env!("CARGO_PKG_VERSION"),
         "ready": not_ready(&state).is_none(),
@@ -62,8 +97,11 @@ pub(super) async fn status(State(state): State<AppState>) -> impl IntoResponse {
             .or_else(|| state.backplane.as_ref().map(|b| b.status())),
         "kubernetes": state.sources.as_ref().map(|s| serde_json::json!({ "synced": s.synced() })),
         "connections": hub.connections,
+        "admission": state.admission.status(),
         "slow_consumers_disconnected": hub.slow_consumers_disconnected,
         "events_published": hub.events_published,
+        "channel_count": hub.channel_count,
+        "channels_matching": hub.channels_matching,
         "channels": hub.channels,
-    }))
+    })))
 }

@@ -28,6 +28,7 @@ pub(super) async fn channel(
     let channel = ChannelName::parse(&channel).map_err(ApiError::bad_request)?;
     let p = read(&state, req).await?;
     admit(&state)?;
+    state.hub.admit(&channel)?;
     let published = state.hub.publish(&channel, p);
     if !published.duplicate {
         confirm(&state, published.id).await?;
@@ -151,7 +152,13 @@ async fn read(state: &AppState, req: Request) -> Result<Publish, ApiError> {
     let (parts, body) = req.into_parts();
     authorize(state, &parts)?;
     let limit = state.config.max_message_bytes;
-    let bytes = read_body(&parts.headers, body, limit).await?;
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        limit,
+        state.config.limits.body_timeout,
+    )
+    .await?;
     let query = Query::parse(parts.uri.query())?;
     if is_json(&parts.headers) {
         let env: Envelope = serde_json::from_slice(&bytes)
@@ -284,6 +291,7 @@ async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    within: std::time::Duration,
 ) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -298,7 +306,17 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await;
+    let Ok(read) = read else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} (--body-timeout)",
+                humantime::format_duration(within)
+            ),
+        ));
+    };
+    read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {

@@ -212,11 +212,20 @@ impl Conn {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = tokio::time::timeout(
+            let sent = tokio::time::timeout(
                 self.state.config.write_timeout,
                 socket.send(Message::Close(Some(frame))),
             )
             .await;
+            if matches!(sent, Ok(Ok(()))) {
+                // Read until the client's close (bounded): dropping a
+                // socket with unread bytes resets it, and the reset can
+                // destroy our close frame before the client reads it.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = socket.recv().await {}
+                })
+                .await;
+            }
         }
     }
 

@@ -49,6 +49,14 @@ pub enum Error {
         /// The id.
         client: ClientId,
     },
+    /// The node keeps `--max-channels` channels already.
+    #[error(
+        "herald keeps {max} channels, its limit (--max-channels); no new channel can be made now"
+    )]
+    TooManyChannels {
+        /// The limit.
+        max: usize,
+    },
     /// A targeted publish named a client that is not connected.
     #[error("client {client} is not connected to channel {channel}")]
     NoSuchClient {
@@ -78,6 +86,9 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Bytes a connection may have queued before it is cut off as slow.
     pub max_queued_bytes: usize,
+    /// Channels kept at most: a subscribe or local publish that would
+    /// create one more is refused ([`Error::TooManyChannels`]).
+    pub max_channels: usize,
     /// In a cluster: this node's origin name. Events then carry their
     /// origin and subscribers see positions as ids (see [`position`]).
     pub origin: Option<Origin>,
@@ -321,8 +332,32 @@ pub struct Status {
     pub slow_consumers_disconnected: u64,
     /// Events accepted since start.
     pub events_published: u64,
-    /// Per channel.
+    /// Channels kept.
+    pub channel_count: usize,
+    /// Channels that match the query's prefix.
+    pub channels_matching: usize,
+    /// The matching channels with the most subscribers (then by name), at
+    /// most the query's limit: the answer stays small however many
+    /// channels clients made.
     pub channels: BTreeMap<String, ChannelStatus>,
+}
+
+/// Which channels [`Hub::status`] lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusQuery {
+    /// Only channels whose name starts with this.
+    pub prefix: String,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl Default for StatusQuery {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            limit: 100,
+        }
+    }
 }
 
 /// One channel in [`Status`].
@@ -372,6 +407,19 @@ impl Hub {
     pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
         self.connections.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self.clone())
+    }
+
+    /// Refuses a channel that does not exist yet when the node already
+    /// keeps `max_channels` (clients must not make the map grow without
+    /// bound). Checked before a subscribe or a local publish; events from
+    /// other nodes and Kubernetes sources are not limited (they were
+    /// accepted already, or are the node's own).
+    pub fn admit(&self, channel: &ChannelName) -> Result<()> {
+        let max = self.config.max_channels;
+        if self.channels.len() >= max && !self.channels.contains_key(channel) {
+            return Err(Error::TooManyChannels { max });
+        }
+        Ok(())
     }
 
     /// Runs `f` on the channel's locked state, creating the channel if
@@ -729,6 +777,7 @@ impl Hub {
         outbox: &Arc<Outbox>,
         from: &Resume,
     ) -> Result<Subscription> {
+        self.admit(channel)?;
         let now = Instant::now();
         let (key, ch, _) = self.with_channel(channel, |ch, st| {
             if st.clients.contains_key(client) {
@@ -870,19 +919,55 @@ impl Hub {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// A snapshot of the hub for `/status`.
-    pub fn status(&self) -> Status {
-        let channels = self
-            .channels
-            .iter()
-            .map(|e| {
-                let st = e.value().state.lock();
+    /// A snapshot of the hub for `/status`: counts, and the `q.limit`
+    /// matching channels with the most subscribers. Memory is bounded by
+    /// the limit, not by the number of channels.
+    pub fn status(&self, q: &StatusQuery) -> Status {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        // A min-heap of the best `limit` so far: (subscribers, name
+        // reversed so that, among equals, the later name goes first).
+        /// Subscribers, name (reversed: among equals the earlier name
+        /// ranks higher), history length, retained.
+        type Ranked = (usize, Reverse<ChannelName>, usize, bool);
+        let mut top: BinaryHeap<Reverse<Ranked>> =
+            BinaryHeap::with_capacity(q.limit.saturating_add(1).min(1024));
+        let mut matching = 0;
+        for e in &self.channels {
+            if !e.key().as_str().starts_with(&q.prefix) {
+                continue;
+            }
+            matching += 1;
+            if q.limit == 0 {
+                continue;
+            }
+            let st = e.value().state.lock();
+            let entry = (
+                st.subscribers.len(),
+                Reverse(e.key().clone()),
+                st.history.len(),
+                st.retained.is_some(),
+            );
+            drop(st);
+            if top.len() < q.limit {
+                top.push(Reverse(entry));
+            } else if top
+                .peek()
+                .is_some_and(|Reverse(min)| (entry.0, &entry.1) > (min.0, &min.1))
+            {
+                top.pop();
+                top.push(Reverse(entry));
+            }
+        }
+        let channels = top
+            .into_iter()
+            .map(|Reverse((subscribers, Reverse(name), history, retained))| {
                 (
-                    e.key().to_string(),
+                    name.to_string(),
                     ChannelStatus {
-                        subscribers: st.subscribers.len(),
-                        history: st.history.len(),
-                        retained: st.retained.is_some(),
+                        subscribers,
+                        history,
+                        retained,
                     },
                 )
             })
@@ -891,6 +976,8 @@ impl Hub {
             connections: self.connections.load(Ordering::Relaxed),
             slow_consumers_disconnected: self.slow_disconnects.load(Ordering::Relaxed),
             events_published: self.published.load(Ordering::Relaxed),
+            channel_count: self.channels.len(),
+            channels_matching: matching,
             channels,
         }
     }

@@ -5,6 +5,7 @@ fn cfg(history_size: usize) -> Config {
         history_size,
         history_ttl: Duration::from_secs(600),
         max_queued_bytes: 1 << 20,
+        max_channels: usize::MAX,
         origin: None,
     }
 }
@@ -222,7 +223,7 @@ fn targeted_publish_reaches_one_client_and_stays_out_of_history() {
     hub.publish_to_client(&ch("a"), &id, text("hi")).unwrap();
     assert_eq!(drain(&mine), ["hi"]);
     assert!(drain(&other).is_empty());
-    assert_eq!(hub.status().channels["a"].history, 0);
+    assert_eq!(hub.status(&StatusQuery::default()).channels["a"].history, 0);
     let missing = ClientId::parse("nobody").unwrap();
     assert!(matches!(
         hub.publish_to_client(&ch("a"), &missing, text("x")),
@@ -257,7 +258,11 @@ fn slow_subscriber_is_cut_off_and_others_get_everything() {
         assert_eq!(drain(&fast).len(), 1);
     }
     assert_eq!(drain(&slow), ["closed:Slow"]);
-    assert_eq!(hub.status().slow_consumers_disconnected, 1);
+    assert_eq!(
+        hub.status(&StatusQuery::default())
+            .slow_consumers_disconnected,
+        1
+    );
 }
 
 #[test]
@@ -284,7 +289,7 @@ async fn history_expires_after_its_ttl_and_the_channel_is_freed() {
     hub.publish(&ch("a"), text("new"));
     tokio::time::advance(Duration::from_secs(31)).await;
     assert_eq!(hub.sweep(), 1);
-    assert_eq!(hub.status().channels["a"].history, 1);
+    assert_eq!(hub.status(&StatusQuery::default()).channels["a"].history, 1);
     // The expired event makes resuming from before it a reset.
     let (o, s) = sub(&hub, "a", &Resume::After(first));
     assert_eq!(drain(&o), ["reset:a", "new"]);
