@@ -39,8 +39,6 @@ use crate::config::Limits;
 
 /// Largest request head: longer ones are answered 431 by hyper.
 pub(super) const HEAD_LIMIT: usize = 16 * 1024;
-/// An HTTP/2 peer that does not answer a ping within this is dropped.
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most concurrent streams on one HTTP/2 connection.
 const H2_MAX_STREAMS: u32 = 256;
 
@@ -358,7 +356,7 @@ async fn through_hyper(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(conn.heartbeat)
-        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .keep_alive_timeout(conn.write_timeout)
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(HEAD_LIMIT as u32);
     let served = builder.serve_connection_with_upgrades(

@@ -10,7 +10,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
+const BUILT: &str = env!("CARGO_BIN_EXE_herald");
+
+/// The binary under test: `HERALD_BIN` (to try an older build), else this build's.
+fn bin() -> String {
+    std::env::var("HERALD_BIN").unwrap_or_else(|_| BUILT.to_owned())
+}
 
 /// Longest any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -35,9 +40,25 @@ pub fn free_port() -> u16 {
 impl Herald {
     /// Starts `herald serve` with `args` and waits until `/healthz` answers.
     pub async fn start(args: &[&str]) -> Self {
+        Self::spawn(args, None).await
+    }
+
+    /// Starts it allowed only `files` open files, logging to `log`.
+    pub async fn start_limited(args: &[&str], files: u64, log: &std::path::Path) -> Self {
+        Self::spawn(args, Some((files, log))).await
+    }
+
+    async fn spawn(args: &[&str], limited: Option<(u64, &std::path::Path)>) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let internal: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match limited {
+            None => Command::new(bin()),
+            Some((files, _)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={files}")).arg(bin());
+                c
+            }
+        };
         cmd.arg("serve")
             .args(["--listen", &addr.to_string()])
             .args(["--internal-listen", &internal.to_string()])
@@ -46,10 +67,10 @@ impl Herald {
             .env_remove("KUBECONFIG")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("HERALD_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
+            .stderr(match limited {
+                Some((_, log)) => Stdio::from(std::fs::File::create(log).unwrap()),
+                None if std::env::var_os("HERALD_TEST_LOGS").is_some() => Stdio::inherit(),
+                None => Stdio::null(),
             })
             .kill_on_drop(true);
         let child = cmd.spawn().unwrap();

@@ -6,5 +6,7 @@
 // Helpers outside #[test] functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod floods;
 mod harness;
+mod protocol;
 mod replay;
