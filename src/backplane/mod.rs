@@ -38,6 +38,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::Line;
+
+/// The Redis and NATS record decoders, for the fuzz target (`fuzz/`).
+#[doc(hidden)]
+pub mod fuzz {
+    /// A record as Redis or NATS hands it over: never a panic; a line is
+    /// decoded the same way by both; a stream entry id that parses prints
+    /// back to one that parses to the same event id.
+    pub fn record(data: &[u8]) {
+        let r = super::redis::fuzz_line(data);
+        let n = super::nats::fuzz_line(data);
+        assert_eq!(r, n, "Redis and NATS read the same line differently");
+        if let Ok(s) = std::str::from_utf8(data) {
+            super::redis::fuzz_entry_id(s);
+        }
+    }
+}
 use crate::config::Secret;
 use crate::hub::{EventId, Hub, Position, SharedEvent};
 

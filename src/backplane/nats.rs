@@ -100,6 +100,11 @@ async fn consume(
     c.messages().await.map_err(Error::backend)
 }
 
+/// For the fuzz target: the line a payload carries, as JSON text.
+pub(super) fn fuzz_line(payload: &[u8]) -> Option<String> {
+    line(payload).and_then(|l| serde_json::to_string(&l).ok())
+}
+
 /// The line a message carries; `None`, logged, if herald did not write it
 /// (it is skipped, never retried forever).
 fn line(payload: &[u8]) -> Option<Line> {

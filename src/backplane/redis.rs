@@ -179,6 +179,20 @@ struct Envelope {
     q: Box<RawValue>,
 }
 
+/// For the fuzz target: the line in a bulk-string value, as JSON text.
+pub(super) fn fuzz_line(data: &[u8]) -> Option<String> {
+    line(Value::BulkString(data.to_vec())).and_then(|l| serde_json::to_string(&l).ok())
+}
+
+/// For the fuzz target: an entry id that parses prints back (as `ID-0`) to
+/// the same event id.
+pub(super) fn fuzz_entry_id(s: &str) {
+    if let Ok(id) = entry_id(s) {
+        let again = format!("{}-0", id.as_u64());
+        assert_eq!(entry_id(&again).ok(), Some(id));
+    }
+}
+
 /// The event id of a stream entry id `ID-0`.
 fn entry_id(id: &str) -> Result<EventId, Error> {
     id.split_once('-')

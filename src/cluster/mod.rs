@@ -41,6 +41,15 @@ use crate::hub::Hub;
 
 pub use internal::{Line, apply, apply_all, client_body, deliver_to_client, router};
 
+/// The mesh's wire-line parser, for the fuzz target (`fuzz/`).
+#[doc(hidden)]
+pub mod fuzz {
+    /// One line a peer sent.
+    pub fn line(data: &[u8]) {
+        super::internal::fuzz_line(data);
+    }
+}
+
 /// How peers are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {

@@ -396,6 +396,74 @@ impl Decoder {
     }
 }
 
+/// The WebSocket fuzz target's body (see [`super::fuzz::ws_frames`]).
+pub(super) fn fuzz_decoder(data: &[u8]) {
+    // Arbitrary bytes: no panic; what is kept stays bounded.
+    let mut d = Decoder::default();
+    let cut = data.first().map_or(0, |c| usize::from(*c)).min(data.len());
+    for piece in [&data[..cut], &data[cut..]] {
+        d.buf.extend_from_slice(piece);
+        while let Ok(Some(_)) = d.next() {}
+        assert!(d.message.len() <= MAX_WS_CLIENT_MESSAGE_BYTES);
+    }
+    // Messages made of the input (split at NUL), masked with its first four
+    // bytes and fragmented at `cut`, decode to themselves.
+    let mask = [
+        data.get(1).copied().unwrap_or(0),
+        data.get(2).copied().unwrap_or(0),
+        data.get(3).copied().unwrap_or(0),
+        data.get(4).copied().unwrap_or(0),
+    ];
+    let messages: Vec<String> = data
+        .split(|b| *b == 0)
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .filter(|m| m.len() <= MAX_WS_CLIENT_MESSAGE_BYTES)
+        .collect();
+    let mut wire = vec![];
+    for m in &messages {
+        let b = m.as_bytes();
+        let at = cut.min(b.len());
+        if at == 0 || at == b.len() {
+            wire.extend(client_frame(0x81, b, mask));
+        } else {
+            wire.extend(client_frame(0x01, &b[..at], mask));
+            wire.extend(client_frame(0x89, b"p", mask));
+            wire.extend(client_frame(0x80, &b[at..], mask));
+        }
+    }
+    let mut d = Decoder {
+        buf: wire,
+        ..Decoder::default()
+    };
+    let mut got = vec![];
+    while let Ok(Some(f)) = d.next() {
+        if let Frame::Text(t) = f {
+            got.push(t);
+        }
+    }
+    assert_eq!(got, messages);
+    assert!(d.buf.is_empty());
+}
+
+/// A masked client frame.
+fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,6 +101,54 @@ impl State {
     }
 }
 
+/// Entry points of the parsers of untrusted input, for the fuzz targets
+/// (`fuzz/`): each asserts its parser's invariants, not only that it does
+/// not panic.
+#[doc(hidden)]
+pub mod fuzz {
+    /// A request head, as the accept loop and both direct paths read it.
+    pub fn request_head(data: &[u8]) {
+        let state = super::server::head_state(data);
+        let sse = super::direct::parse(data);
+        let ws = super::direct_ws::parse(data);
+        if sse.is_some() || ws.is_some() {
+            // The direct paths only serve heads that are whole and valid.
+            assert_eq!(state, Some(true));
+        }
+        assert!(!(sse.is_some() && ws.is_some()), "served by both paths");
+    }
+
+    /// Client WebSocket bytes, fed in two pieces at `cut`: never a panic,
+    /// the buffers stay bounded, and messages built from `data` come out
+    /// whole after masking and fragmentation.
+    pub fn ws_frames(data: &[u8]) {
+        super::direct_ws::fuzz_decoder(data);
+    }
+
+    /// A publish: body and query (split at the first NUL), as JSON and as
+    /// text. Accepted data is never empty, JSON data is compact JSON that
+    /// parses, and the event name is valid.
+    pub fn publish(data: &[u8]) {
+        let (query, body) = match data.iter().position(|b| *b == 0) {
+            Some(i) => (std::str::from_utf8(&data[..i]).ok(), &data[i + 1..]),
+            None => (None, data),
+        };
+        for json in [true, false] {
+            let Ok(p) = super::publish::parse_publish(json, body, query) else {
+                continue;
+            };
+            assert!(!p.data.is_empty());
+            if let crate::hub::Data::Json(j) = &p.data {
+                let v: serde_json::Value = serde_json::from_str(j).expect("JSON data parses");
+                assert_eq!(&v.to_string(), j, "JSON data is compact");
+            }
+            if let Some(e) = &p.event {
+                assert!(crate::hub::EventName::parse(e.as_str()).is_ok());
+            }
+        }
+    }
+}
+
 /// The public router.
 pub fn router(state: State) -> Router {
     let cors = cors_layer(&state.config.cors);

@@ -159,9 +159,19 @@ async fn read(state: &AppState, req: Request) -> Result<Publish, ApiError> {
         state.config.limits.body_timeout,
     )
     .await?;
-    let query = Query::parse(parts.uri.query())?;
-    if is_json(&parts.headers) {
-        let env: Envelope = serde_json::from_slice(&bytes)
+    parse_publish(is_json(&parts.headers), &bytes, parts.uri.query())
+}
+
+/// A publish from its body (JSON envelope or text) and query string: the
+/// pure part of [`read`], which the fuzz target drives.
+pub(crate) fn parse_publish(
+    json: bool,
+    bytes: &[u8],
+    query: Option<&str>,
+) -> Result<Publish, ApiError> {
+    let query = Query::parse(query)?;
+    if json {
+        let env: Envelope = serde_json::from_slice(bytes)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
         let data = if env.data.get() == "null" {
             return Err(ApiError::bad_request("data must not be null"));
@@ -180,8 +190,9 @@ async fn read(state: &AppState, req: Request) -> Result<Publish, ApiError> {
             env.retain.or(query.retain).unwrap_or(false),
         )
     } else {
-        let text = String::from_utf8(bytes.to_vec())
-            .map_err(|_| ApiError::bad_request("the body is not valid UTF-8 text"))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| ApiError::bad_request("the body is not valid UTF-8 text"))?
+            .to_owned();
         build(
             Data::Text(text),
             query.event,

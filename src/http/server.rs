@@ -376,7 +376,7 @@ async fn through_hyper(
 /// Whether `buf` holds a whole request head yet: `Some(true)` complete,
 /// `Some(false)` invalid (hyper answers 400 at once), `None` partial.
 /// httparse accepts bare-LF line ends, as hyper does.
-fn head_state(buf: &[u8]) -> Option<bool> {
+pub(super) fn head_state(buf: &[u8]) -> Option<bool> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     match httparse::Request::new(&mut headers).parse(buf) {
         Ok(httparse::Status::Complete(_)) => Some(true),

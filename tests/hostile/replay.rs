@@ -32,8 +32,11 @@ async fn websocket_subscribe_floods_do_not_amplify_replays() {
         burst.extend(ws_text(unsub));
     }
     burst.extend(ws_text(sub));
+    // Messages are handled in order: once this one is, all were.
+    burst.extend(ws_text(br#"{"type":"subscribe","channel":"done"}"#));
     s.write_all(&burst).await.unwrap();
-    eventually(|| async { subscribers(&h, "h").await == 1 }).await;
+    eventually(|| async { subscribers(&h, "done").await == 1 }).await;
+    assert_eq!(subscribers(&h, "h").await, 1);
     let grew = h.rss_mib() - before;
     eprintln!("RSS grew by {grew:.1} MiB");
     assert!(grew < 24.0, "RSS grew by {grew:.1} MiB");
