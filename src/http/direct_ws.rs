@@ -424,11 +424,11 @@ pub(super) fn fuzz_decoder(data: &[u8]) {
         let b = m.as_bytes();
         let at = cut.min(b.len());
         if at == 0 || at == b.len() {
-            wire.extend(client_frame(0x81, b, mask));
+            wire.extend(masked_frame(0x81, b, mask));
         } else {
-            wire.extend(client_frame(0x01, &b[..at], mask));
-            wire.extend(client_frame(0x89, b"p", mask));
-            wire.extend(client_frame(0x80, &b[at..], mask));
+            wire.extend(masked_frame(0x01, &b[..at], mask));
+            wire.extend(masked_frame(0x89, b"p", mask));
+            wire.extend(masked_frame(0x80, &b[at..], mask));
         }
     }
     let mut d = Decoder {
@@ -445,8 +445,8 @@ pub(super) fn fuzz_decoder(data: &[u8]) {
     assert!(d.buf.is_empty());
 }
 
-/// A masked client frame.
-fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+/// A masked client frame (what a client sends; for tests and fuzzing).
+pub(super) fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = vec![first];
     match payload.len() {
         n if n < 126 => out.push(0x80 | n as u8),
@@ -469,22 +469,7 @@ mod tests {
     use super::*;
 
     fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        masked(first, payload, [1, 2, 3, 4])
-    }
-
-    /// A client frame: masked with `mask`, as RFC 6455 requires.
-    pub(super) fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        masked_frame(first, payload, [1, 2, 3, 4])
     }
 
     fn decode(bytes: &[u8]) -> Vec<Result<Frame, (u16, &'static str)>> {
@@ -575,7 +560,7 @@ mod tests {
 mod fuzz {
     use proptest::prelude::*;
 
-    use super::tests::masked;
+    use super::masked_frame;
     use super::*;
 
     proptest! {
@@ -614,11 +599,11 @@ mod fuzz {
             for (m, cut) in messages.iter().zip(&cuts) {
                 let cut = (*cut).min(m.len());
                 if cut == 0 {
-                    wire.extend(masked(0x81, m.as_bytes(), mask));
+                    wire.extend(masked_frame(0x81, m.as_bytes(), mask));
                 } else {
-                    wire.extend(masked(0x01, &m.as_bytes()[..cut], mask));
-                    wire.extend(masked(0x89, b"ping", mask)); // control frames may interleave
-                    wire.extend(masked(0x80, &m.as_bytes()[cut..], mask));
+                    wire.extend(masked_frame(0x01, &m.as_bytes()[..cut], mask));
+                    wire.extend(masked_frame(0x89, b"ping", mask)); // control frames may interleave
+                    wire.extend(masked_frame(0x80, &m.as_bytes()[cut..], mask));
                 }
             }
             let mut d = Decoder { buf: wire, ..Decoder::default() };

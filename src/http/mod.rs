@@ -125,6 +125,12 @@ pub mod fuzz {
         super::direct_ws::fuzz_decoder(data);
     }
 
+    /// A client WebSocket frame with first byte `first`, masked with
+    /// `mask` (for tests that speak WebSocket on raw sockets).
+    pub fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        super::direct_ws::masked_frame(first, payload, mask)
+    }
+
     /// A publish: body and query (split at the first NUL), as JSON and as
     /// text. Accepted data is never empty, JSON data is compact JSON that
     /// parses, and the event name is valid.

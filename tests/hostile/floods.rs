@@ -66,7 +66,7 @@ async fn slowloris_does_not_lock_out_a_normal_subscriber() {
 /// other addresses are still served.
 #[tokio::test]
 async fn handshake_and_per_address_bounds_answer_503() {
-    let h = Herald::start(&["--max-handshakes", "10", "--max-connections-per-ip", "20"]).await;
+    let mut h = Herald::start(&["--max-handshakes", "10", "--max-connections-per-ip", "20"]).await;
     let mut idle = vec![];
     for _ in 0..10 {
         idle.push(connect_from(h.addr, 30).await.unwrap());
@@ -102,6 +102,7 @@ async fn handshake_and_per_address_bounds_answer_503() {
     let st = h.status().await;
     assert_eq!(st["admission"]["refused_per_ip"], 1);
     assert_eq!(st["admission"]["refused_handshakes"], 1);
+    h.assert_rss_below(64.0);
 }
 
 /// Out of file descriptors: open connections are still served, accepting
@@ -111,7 +112,7 @@ async fn handshake_and_per_address_bounds_answer_503() {
 async fn running_out_of_file_descriptors_keeps_serving() {
     more_files();
     let log = std::env::temp_dir().join(format!("herald-hostile-fd-{}.log", std::process::id()));
-    let h = Herald::start_limited(&[], 64, &log).await;
+    let mut h = Herald::start_limited(&[], 64, &log).await;
     // A kept-alive connection and a subscriber, opened before.
     let mut sub = TcpStream::connect(h.addr).await.unwrap();
     sub.write_all(b"GET /channel/fd HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -154,4 +155,5 @@ async fn running_out_of_file_descriptors_keeps_serving() {
     let warnings = text.matches("out of file descriptors").count();
     assert!(warnings <= 2, "{warnings} warnings:\n{text}");
     let _ = std::fs::remove_file(&log);
+    h.assert_rss_below(64.0);
 }

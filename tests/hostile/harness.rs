@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 
+pub use crate::support::{eventually, free_port};
+
 const BUILT: &str = env!("CARGO_BIN_EXE_herald");
 
 /// The binary under test: `HERALD_BIN` (to try an older build), else this build's.
@@ -26,15 +28,6 @@ pub struct Herald {
     pub addr: SocketAddr,
     pub internal: SocketAddr,
     pub http: reqwest::Client,
-}
-
-/// A loopback port free right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Herald {
@@ -112,6 +105,13 @@ impl Herald {
         kib / 1024.0
     }
 
+    /// Fails unless the process's RSS is under `mib` (and it is alive).
+    pub fn assert_rss_below(&mut self, mib: f64) {
+        assert!(self.alive(), "herald exited");
+        let rss = self.rss_mib();
+        assert!(rss < mib, "RSS {rss:.1} MiB, bound {mib} MiB");
+    }
+
     /// Publishes `n` events of `size` bytes to `channel`, 8 at a time.
     pub async fn fill(&self, channel: &str, n: usize, size: usize) {
         let body = "x".repeat(size);
@@ -142,22 +142,6 @@ impl Herald {
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
-    }
-}
-
-/// Polls an observable condition until it holds; fails after [`WAIT`].
-pub async fn eventually<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition never held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -220,22 +204,7 @@ pub fn ws_text(payload: &[u8]) -> Vec<u8> {
 
 /// A masked client frame with first byte `first`.
 pub fn ws_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [7u8, 1, 9, 3];
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    herald::http::fuzz::masked_frame(first, payload, [7, 1, 9, 3])
 }
 
 /// Opens a WebSocket on a raw socket and reads the 101.

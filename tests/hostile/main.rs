@@ -10,3 +10,5 @@ mod floods;
 mod harness;
 mod protocol;
 mod replay;
+#[path = "../it/support.rs"]
+mod support;

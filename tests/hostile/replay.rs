@@ -2,6 +2,7 @@
 //! connection is bounded by a small constant plus `--max-queued-bytes`,
 //! whatever the history holds.
 
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::harness::{Herald, eventually, tiny_socket, ws_open, ws_text};
@@ -97,4 +98,43 @@ async fn resumes_that_never_read_cost_a_bounded_amount() {
     // socket's buffers: far below one history (16 MiB) per connection.
     assert!(grew < 48.0, "RSS grew by {grew:.1} MiB");
     drop((held, bodies));
+}
+
+/// Defect 2, small messages: 256 channels of 200 events of 200 bytes, and
+/// 10 resumers of all of them on one `/events` stream each that never
+/// read. Each used to copy its whole backlog (51,200 events); now it holds
+/// 256 cursors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_channels_resumed_cost_a_bounded_amount() {
+    let h = Herald::start(&[]).await;
+    let body = "y".repeat(200);
+    let sends = (0..256).flat_map(|c| (0..200).map(move |_| c)).map(|c| {
+        let req = h
+            .http
+            .post(h.url(&format!("/channel/s{c}")))
+            .body(body.clone());
+        async move { req.send().await.unwrap().status() }
+    });
+    let statuses: Vec<_> = futures_util::stream::iter(sends)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 202));
+    let before = h.rss_mib();
+    let query: Vec<String> = (0..256).map(|c| format!("stream=s{c}")).collect();
+    let head = format!(
+        "GET /events?{} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: garbage\r\n\r\n",
+        query.join("&")
+    );
+    let mut held = vec![];
+    for i in 0..10u8 {
+        let mut s = tiny_socket(h.addr, 80 + i).await;
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    eventually(|| async { subscribers(&h, "s0").await == 10 }).await;
+    let grew = h.rss_mib() - before;
+    eprintln!("RSS grew by {grew:.1} MiB");
+    assert!(grew < 24.0, "RSS grew by {grew:.1} MiB");
+    drop(held);
 }
