@@ -693,6 +693,50 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_read_and_checked() {
+        let c = serve(&[]).unwrap();
+        assert_eq!(c.limits, config::Limits::default());
+        let c = serve(&[
+            "--head-timeout",
+            "2s",
+            "--keep-alive-timeout",
+            "1m",
+            "--body-timeout",
+            "500ms",
+            "--max-handshakes",
+            "100",
+            "--max-connections-per-ip",
+            "0",
+            "--max-channels",
+            "5000",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            config::Limits {
+                head_timeout: Duration::from_secs(2),
+                keep_alive_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_millis(500),
+                max_handshakes: 100,
+                max_connections_per_ip: 0,
+                max_channels: 5000,
+            }
+        );
+        for (flag, bad) in [
+            ("--head-timeout", "0s"),
+            ("--keep-alive-timeout", "0s"),
+            ("--body-timeout", "0s"),
+            ("--max-handshakes", "0"),
+            ("--max-channels", "0"),
+            ("--head-timeout", "soon"),
+            ("--max-connections-per-ip", "many"),
+        ] {
+            let e = serve(&[flag, bad]).unwrap_err();
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+    }
+
+    #[test]
     fn units_are_read() {
         let c = serve(&[
             "--heartbeat",

@@ -644,3 +644,71 @@ mod replay {
         assert!(o.is_closed());
     }
 }
+
+mod limits {
+    use super::*;
+
+    /// `max_channels`: a new channel beyond it is refused, an existing one
+    /// is still served, and one freed makes room again.
+    #[test]
+    fn channels_are_bounded() {
+        let hub = Hub::new(Config {
+            max_channels: 2,
+            ..cfg(10)
+        });
+        let (_a, sa) = sub(&hub, "a", &Resume::Fresh);
+        let (_b, _sb) = sub(&hub, "b", &Resume::Fresh);
+        let o = hub.outbox();
+        let e = hub
+            .subscribe(&ch("c"), &ClientId::generate(), &o, &Resume::Fresh)
+            .unwrap_err();
+        assert_eq!(e, Error::TooManyChannels { max: 2 });
+        assert!(hub.admit(&ch("c")).is_err());
+        assert!(hub.admit(&ch("a")).is_ok());
+        let sa2 = hub
+            .subscribe(&ch("a"), &ClientId::generate(), &o, &Resume::Fresh)
+            .unwrap();
+        drop(sa);
+        let o2 = hub.outbox();
+        // "a" still has the second subscriber: still full.
+        assert!(
+            hub.subscribe(&ch("c"), &ClientId::generate(), &o2, &Resume::Fresh)
+                .is_err()
+        );
+        // Freed (no subscriber, no history): room for "c".
+        drop(sa2);
+        assert!(
+            hub.subscribe(&ch("c"), &ClientId::generate(), &o2, &Resume::Fresh)
+                .is_ok()
+        );
+    }
+
+    /// `/status` lists the most subscribed matching channels, at most the
+    /// limit, and counts the rest.
+    #[test]
+    fn status_lists_the_top_channels() {
+        let hub = Hub::new(cfg(10));
+        let mut keep = vec![];
+        for (name, n) in [("x.a", 3), ("x.b", 1), ("x.c", 2), ("y.d", 5), ("x.e", 2)] {
+            for _ in 0..n {
+                keep.push(sub(&hub, name, &Resume::Fresh));
+            }
+        }
+        let st = hub.status(&StatusQuery {
+            prefix: "x.".into(),
+            limit: 2,
+        });
+        assert_eq!(st.channel_count, 5);
+        assert_eq!(st.channels_matching, 4);
+        let names: Vec<_> = st.channels.keys().cloned().collect();
+        // x.a (3), then x.c and x.e (2 each): the earlier name wins the tie.
+        assert_eq!(names, ["x.a", "x.c"]);
+        assert_eq!(st.channels["x.a"].subscribers, 3);
+        let none = hub.status(&StatusQuery {
+            prefix: String::new(),
+            limit: 0,
+        });
+        assert!(none.channels.is_empty());
+        assert_eq!(none.channels_matching, 5);
+    }
+}
