@@ -416,7 +416,9 @@ impl Hub {
     /// accepted already, or are the node's own).
     pub fn admit(&self, channel: &ChannelName) -> Result<()> {
         let max = self.config.max_channels;
-        if self.channels.len() >= max && !self.channels.contains_key(channel) {
+        // An existing channel (the usual publish) costs one shard lookup;
+        // only a new one counts the map.
+        if !self.channels.contains_key(channel) && self.channels.len() >= max {
             return Err(Error::TooManyChannels { max });
         }
         Ok(())

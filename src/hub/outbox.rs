@@ -69,8 +69,9 @@ struct State {
     /// Live items, in order.
     items: VecDeque<Item>,
     /// Replay cursors, in order, each with how many of `items` are ahead of
-    /// it. Empty (the usual case), the writer takes `items` whole.
-    replays: VecDeque<(usize, Replay)>,
+    /// it. `None` (the usual case), the writer takes `items` whole; boxed so
+    /// that every outbox does not pay for it (fan-out touches them all).
+    replays: Option<Box<VecDeque<(usize, Replay)>>>,
     /// What `items` and `replays` cost against the limit.
     bytes: usize,
     closed: Option<Closed>,
@@ -80,12 +81,12 @@ impl State {
     fn close(&mut self, reason: Closed) {
         self.closed = Some(reason);
         self.items = VecDeque::new();
-        self.replays = VecDeque::new();
+        self.replays = None;
         self.bytes = 0;
     }
 
     fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.replays.is_empty()
+        self.items.is_empty() && self.replays.is_none()
     }
 }
 
@@ -121,7 +122,9 @@ impl Outbox {
     pub(super) fn push_replay(&self, replay: Replay) -> Pushed {
         self.enqueue(CURSOR_COST, |st| {
             let ahead = st.items.len();
-            st.replays.push_back((ahead, replay));
+            st.replays
+                .get_or_insert_default()
+                .push_back((ahead, replay));
         })
     }
 
@@ -150,12 +153,15 @@ impl Outbox {
     /// ended). Live items of that channel stay; writers skip them.
     pub(super) fn drop_replays(&self, channel: &ChannelName) {
         let mut st = self.state.lock();
-        if st.replays.is_empty() {
+        let Some(replays) = st.replays.as_mut() else {
             return;
+        };
+        let before = replays.len();
+        replays.retain(|(_, r)| r.channel() != channel);
+        let dropped = before - replays.len();
+        if replays.is_empty() {
+            st.replays = None;
         }
-        let before = st.replays.len();
-        st.replays.retain(|(_, r)| r.channel() != channel);
-        let dropped = before - st.replays.len();
         st.bytes = st.bytes.saturating_sub(dropped * CURSOR_COST);
     }
 
@@ -173,13 +179,35 @@ impl Outbox {
     /// Takes what is ready without waiting: every live item queued up to
     /// the next replay, or the next bounded batch of a replay (about
     /// 64 KiB; the rest stays queued for the next call).
+    #[inline]
     pub fn try_batch(&self) -> Option<Batch> {
+        {
+            // The usual case, as cheap as a queue with no replays: every
+            // delivery of a fan-out passes here.
+            let mut st = self.state.lock();
+            if st.replays.is_none() {
+                if let Some(reason) = st.closed {
+                    return Some(Batch::Closed(reason));
+                }
+                if st.items.is_empty() {
+                    return None;
+                }
+                st.bytes = 0;
+                return Some(Batch::Items(std::mem::take(&mut st.items)));
+            }
+        }
+        self.try_batch_replaying()
+    }
+
+    /// [`Outbox::try_batch`] with replays queued.
+    #[inline(never)]
+    fn try_batch_replaying(&self) -> Option<Batch> {
         loop {
             let mut st = self.state.lock();
             if let Some(reason) = st.closed {
                 return Some(Batch::Closed(reason));
             }
-            let ahead = match st.replays.front() {
+            let ahead = match st.replays.as_ref().and_then(|r| r.front()) {
                 None if st.items.is_empty() => return None,
                 None => {
                     st.bytes = 0;
@@ -191,14 +219,17 @@ impl Outbox {
                 let taken: VecDeque<Item> = st.items.drain(..ahead).collect();
                 let cost: usize = taken.iter().map(Item::cost).sum();
                 st.bytes = st.bytes.saturating_sub(cost);
-                for (a, _) in &mut st.replays {
+                for (a, _) in st.replays.iter_mut().flat_map(|r| r.iter_mut()) {
                     *a -= ahead;
                 }
                 return Some(Batch::Items(taken));
             }
-            let Some((_, mut replay)) = st.replays.pop_front() else {
+            let Some((_, mut replay)) = st.replays.as_mut().and_then(|r| r.pop_front()) else {
                 return None; // unreachable: the front was just seen
             };
+            if st.replays.as_ref().is_some_and(|r| r.is_empty()) {
+                st.replays = None;
+            }
             // Lock order is channel, then outbox: pull without ours.
             drop(st);
             let mut out = Vec::new();
@@ -210,7 +241,7 @@ impl Outbox {
             if replay.is_done() {
                 st.bytes = st.bytes.saturating_sub(CURSOR_COST);
             } else {
-                st.replays.push_front((0, replay));
+                st.replays.get_or_insert_default().push_front((0, replay));
             }
             if !out.is_empty() {
                 return Some(Batch::Items(out.into()));

@@ -320,15 +320,7 @@ async fn channels_are_bounded_and_status_stays_small() {
     assert_eq!(v["channels"].as_object().unwrap().len(), 100);
     assert_eq!(v["channels_matching"], 300);
     assert!(status.len() < 16 * 1024, "{}", status.len());
-    let one: serde_json::Value = h
-        .http
-        .get(h.url("/status?prefix=1-14&channels=5"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = crate::support::get_json(&h.url("/status?prefix=1-14&channels=5")).await;
     assert_eq!(one["channels_matching"], 11);
     assert_eq!(one["channels"].as_object().unwrap().len(), 5);
     let bad = h
