@@ -547,9 +547,20 @@ impl Hub {
             Some(id) => id,
             None => self.ids.next(),
         };
-        cs.position.advance(&origin, id);
+        // A remote event moves the position even when its key makes it a
+        // duplicate here (it is in its origin's stream either way). A local
+        // publish moves it only if it is not a duplicate: otherwise this
+        // node's position would name an event that exists nowhere, and no
+        // peer could ever catch up to it.
+        let (wire, next) = if local {
+            let mut next = cs.position.clone();
+            next.advance(&origin, id);
+            (Arc::<str>::from(next.to_string()), Some(next))
+        } else {
+            cs.position.advance(&origin, id);
+            (Arc::<str>::from(cs.position.to_string()), None)
+        };
         cs.last_seen.insert(origin.clone(), Instant::now());
-        let wire: Arc<str> = Arc::from(cs.position.to_string());
         let key = p.key.clone();
         let retain = p.retain;
         let mut made = None;
@@ -562,6 +573,11 @@ impl Hub {
             made = Some(ev.clone());
             ev
         });
+        if let Some(next) = next
+            && !published.duplicate
+        {
+            cs.position = next;
+        }
         if local && let Some(ev) = made {
             // Nobody listening (no peers yet) is fine.
             let _ = self.applied.send(ev);

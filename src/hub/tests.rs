@@ -365,6 +365,24 @@ mod cluster {
         take_all(outbox).unwrap_or_default()
     }
 
+    /// A local publish whose key was seen already leaves the node's
+    /// position where it was: a position must never name an event that
+    /// exists nowhere (peers could never catch up to it).
+    #[test]
+    fn a_duplicate_publish_does_not_move_the_position() {
+        let a = node("a");
+        let keyed = || Publish {
+            key: Some("k".into()),
+            ..text("x")
+        };
+        let first = a.publish(&ch("c"), keyed());
+        let before = a.position();
+        let again = a.publish(&ch("c"), keyed());
+        assert!(again.duplicate);
+        assert_eq!(again.id, first.id);
+        assert_eq!(a.position(), before);
+    }
+
     /// Copies node `from`'s own events to `to`, as a peer stream does.
     fn replicate(from: &Hub, to: &Hub) {
         for ev in from.own_events_after(EventId::from_u64(0)) {

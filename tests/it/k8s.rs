@@ -1057,6 +1057,20 @@ async fn the_fakes_watches_honour_timeouts_bookmarks_and_expiry() {
 /// Two replicas in a cluster, both watching: each rollout reaches a
 /// subscriber once, not once per replica (both announce it with the same
 /// idempotency key, and a node drops the copy it learns from the other).
+/// A node's position in node b's stream. b publishes nothing but its
+/// announcements, and none for a version it learnt from a first (its hub
+/// drops that as a duplicate).
+async fn b_position(h: &TestHub) -> u64 {
+    let st = h.status().await;
+    let pos = st["cluster"]["position"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    pos.split(',')
+        .find_map(|e| e.strip_prefix("b="))
+        .map_or(0, |id| id.parse::<u64>().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_all_watch_announce_each_rollout_once() {
     let fake = FakeKube::start().await;
@@ -1079,36 +1093,23 @@ async fn replicas_that_all_watch_announce_each_rollout_once() {
     for h in &hubs {
         ready(h).await;
     }
-    let a = &hubs[0];
-    // Node a's position in b's stream (b publishes nothing but its
-    // announcements).
-    let b_on_a = || async {
-        let st = a.status().await;
-        let pos = st["cluster"]["position"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        pos.split(',')
-            .find_map(|e| e.strip_prefix("b="))
-            .map_or(0, |id| id.parse::<u64>().unwrap())
-    };
+    let (a, b) = (&hubs[0], &hubs[1]);
     let mut sub = a.sse(&format!("/channel/{}", channel("web"))).await;
     let mut markers = 0;
-    // Before any rollout: b's first announcement (v1).
-    let mut before = 0;
     for round in 0..3 {
         if round > 0 {
             fake.set_image(NS, "web", "app", &format!("app:v{}", round + 1));
             fake.settle_deployment(NS, "web");
         }
+        let want = format!("docker.io/library/app:v{}", round + 1);
         let v = version(&mut sub).await;
-        assert_eq!(
-            v["current_image"]["name"],
-            format!("docker.io/library/app:v{}", round + 1)
-        );
-        // b's announcement of this version has reached a ...
-        eventually(|| async { b_on_a().await > before }).await;
-        before = b_on_a().await;
+        assert_eq!(v["current_image"]["name"], want);
+        // b has this version (announced, or learnt from a) ...
+        let mut on_b = b.sse(&format!("/channel/{}", channel("web"))).await;
+        while version(&mut on_b).await["current_image"]["name"] != want.as_str() {}
+        // ... and a has applied everything b published: b's announcement,
+        // if b made one, has reached a ...
+        eventually(|| async { b_position(a).await >= b_position(b).await }).await;
         // ... and was not delivered: the next event is a marker.
         markers += 1;
         let marker = format!("marker-{markers}");
