@@ -13,9 +13,13 @@ fn more_files() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap()
 }
 
+/// A connection from `127.0.0.{from}`, closed with a reset when dropped:
+/// thousands of them must not leave thousands of TIME_WAIT ports behind
+/// for the tests that run next.
 async fn connect_from(addr: std::net::SocketAddr, from: u8) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(format!("127.0.0.{from}:0").parse().unwrap())?;
+    sock.set_zero_linger()?;
     sock.connect(addr).await
 }
 

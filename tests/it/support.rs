@@ -369,9 +369,12 @@ pub fn signal(pid: u32, sig: &str) {
     );
 }
 
-/// A loopback port free right now.
+/// A port free right now on every address: herald binds some of them on
+/// `0.0.0.0` or on other 127.0.0.x addresses, and a port the kernel picks
+/// for `127.0.0.1` alone may be held elsewhere (a client socket on
+/// 127.0.0.5, or one in TIME_WAIT), which makes such a bind fail.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()
         .unwrap()
