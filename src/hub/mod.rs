@@ -221,10 +221,16 @@ struct Sub {
 
 impl Sub {
     fn wants(&self, ev: &Event) -> bool {
-        match (&self.skip, &ev.origin) {
-            (Some(p), Some(o)) => !p.covers(o, ev.id),
-            _ => true,
-        }
+        unseen(self.skip.as_deref(), ev)
+    }
+}
+
+/// True unless the client at position `seen` (cluster mode) already had
+/// `ev`: the one rule live delivery and replays share.
+fn unseen(seen: Option<&Position>, ev: &Event) -> bool {
+    match (seen, &ev.origin) {
+        (Some(p), Some(o)) => !p.covers(o, ev.id),
+        _ => true,
     }
 }
 
@@ -875,8 +881,7 @@ impl Hub {
             Resume::Position(p) if self.config.origin.is_some() => {
                 let gap = st.lost_by_origin.iter().any(|(o, lost)| lost > p.get(o));
                 let reason = "events after this id are no longer retained";
-                let retained = retained_alone()
-                    .filter(|r| r.origin.as_ref().is_none_or(|o| !p.covers(o, r.id)));
+                let retained = retained_alone().filter(|r| unseen(Some(p), r));
                 let reset = if gap { reset(reason) } else { None };
                 Replay::new(ch.clone(), reset, retained, st.front_seq, end, skip)
             }

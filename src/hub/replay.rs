@@ -113,11 +113,7 @@ impl Replay {
                 break;
             };
             self.next += 1;
-            let wanted = match (&self.skip, &ev.origin) {
-                (Some(p), Some(o)) => !p.covers(o, ev.id),
-                _ => true,
-            };
-            if wanted {
+            if super::unseen(self.skip.as_deref(), ev) {
                 bytes += ev.cost();
                 out.push(Item::Event(ev.clone()));
             }
