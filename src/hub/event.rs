@@ -64,6 +64,11 @@ pub struct Event {
     pub wire_id: Option<Arc<str>>,
     /// Published to be kept as the channel's current value.
     pub retain: bool,
+    /// Where the event stands in this node's delivery order: its id on a
+    /// single node, the count of events applied before it in a cluster
+    /// (origin ids are not comparable across origins; apply order is what
+    /// positions follow). Writers merge replays and live events by it.
+    pub order: u64,
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
     ws_frame: OnceLock<Bytes>,
@@ -90,6 +95,7 @@ impl Event {
             origin: None,
             wire_id: None,
             retain: false,
+            order: id.as_u64(),
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             ws_frame: OnceLock::new(),

@@ -86,7 +86,7 @@ impl IdGen {
         let now = unix_micros();
         let prev = self
             .last
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
                 Some(now.max(last + 1))
             });
         // fetch_update with a closure that always returns Some cannot fail;
@@ -99,7 +99,7 @@ impl IdGen {
 
     /// Makes every later id greater than `id`.
     pub fn observe(&self, id: EventId) {
-        self.last.fetch_max(id.0, Ordering::AcqRel);
+        self.last.fetch_max(id.0, Ordering::SeqCst);
     }
 
     /// The smallest id this generator can issue: ids below it predate this
@@ -110,7 +110,9 @@ impl IdGen {
 
     /// The last id issued (or `boot - 1` before the first).
     pub fn last(&self) -> EventId {
-        EventId(self.last.load(Ordering::Acquire))
+        // SeqCst: the sequencer's horizon reasons on one total order of
+        // id updates and reservations.
+        EventId(self.last.load(Ordering::SeqCst))
     }
 }
 

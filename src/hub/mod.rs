@@ -17,6 +17,7 @@ mod name;
 mod outbox;
 mod position;
 mod replay;
+mod sequencer;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use name::{ChannelName, ClientId, EventName, InvalidName};
 pub use outbox::{Batch, Closed, Item, Outbox, Pushed};
 pub use position::{MAX_ORIGINS, Origin, Position, valid_origin};
 pub use replay::Replay;
+pub use sequencer::{InFlight, Sequencer};
 
 /// Errors from hub operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,7 +164,8 @@ impl Resume {
 #[derive(Debug)]
 pub struct Hub {
     channels: DashMap<ChannelName, Arc<Channel>>,
-    ids: IdGen,
+    /// Ids, and (single node) which of them are queued everywhere.
+    seq: Arc<Sequencer>,
     config: Config,
     /// The newest id that may have been lost with a freed channel; a channel
     /// created later starts from it, so resume never skips a gap silently.
@@ -182,6 +185,8 @@ pub struct Hub {
 #[derive(Debug, Default)]
 struct ClusterState {
     position: Position,
+    /// Events applied so far: the next one's delivery order.
+    applied: u64,
     last_seen: HashMap<Origin, Instant>,
 }
 
@@ -305,7 +310,7 @@ impl Drop for Subscription {
                     st.clients.remove(&sub.client);
                 }
                 // What it had still to replay goes with it.
-                sub.outbox.drop_replays(&self.channel.name);
+                sub.outbox.detach(&self.channel);
             }
             if st.subscribers.is_empty() && st.subscribers.capacity() > 16 {
                 st.subscribers.shrink_to_fit();
@@ -387,7 +392,7 @@ impl Hub {
     pub fn with_ids(config: Config, ids: IdGen) -> Arc<Self> {
         Arc::new(Self {
             channels: DashMap::new(),
-            ids,
+            seq: Arc::new(Sequencer::new(ids)),
             config,
             freed_watermark: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -406,7 +411,10 @@ impl Hub {
 
     /// A new outbox with the configured limit.
     pub fn outbox(&self) -> Arc<Outbox> {
-        Outbox::new(self.config.max_queued_bytes)
+        // A cluster node applies one event at a time (its apply lock), so
+        // queues are in order without the sequencer.
+        let seq = self.config.origin.is_none().then(|| self.seq.clone());
+        Outbox::sequenced(self.config.max_queued_bytes, seq)
     }
 
     /// Counts a connection until the guard is dropped.
@@ -551,8 +559,10 @@ impl Hub {
                 };
             }
             Some(id) => id,
-            None => self.ids.next(),
+            None => self.seq.next(),
         };
+        cs.applied += 1;
+        let order = cs.applied;
         // A remote event moves the position even when its key makes it a
         // duplicate here (it is in its origin's stream either way). A local
         // publish moves it only if it is not a duplicate: otherwise this
@@ -575,6 +585,7 @@ impl Hub {
             ev.origin = Some(origin);
             ev.wire_id = Some(wire);
             ev.retain = retain;
+            ev.order = order;
             let ev = Arc::new(ev);
             made = Some(ev.clone());
             ev
@@ -605,7 +616,7 @@ impl Hub {
     /// Cluster mode: makes sure this node's own ids stay above `id` (an
     /// event of its own it learnt back from a peer after a restart).
     pub fn observe_own(&self, id: EventId) {
-        self.ids.observe(id);
+        self.seq.ids().observe(id);
     }
 
     /// Every event kept (history and retained values), sorted by origin
@@ -655,6 +666,9 @@ impl Hub {
                 };
             }
             st.expire(now, self.config.history_ttl);
+            // Single node: held until the event is queued everywhere, so
+            // writers of several channels wait for it (see `sequencer`).
+            let _in_flight = self.in_flight();
             let ev = make();
             let id = ev.id;
             let wire = ev.wire_id.clone();
@@ -699,11 +713,17 @@ impl Hub {
         published
     }
 
+    /// Single node: a reservation to hold from before an event takes its id
+    /// until it is queued for every subscriber (`None` in a cluster).
+    fn in_flight(&self) -> Option<InFlight<'_>> {
+        self.config.origin.is_none().then(|| self.seq.enter())
+    }
+
     /// Makes the event for a publish, with the next id. Call it under the
     /// channel's lock so ids and queue order agree.
     fn event(&self, channel: &ChannelName, p: Publish) -> SharedEvent {
         Arc::new(Event::new(
-            self.ids.next(),
+            self.seq.next(),
             channel.clone(),
             p.event,
             p.data,
@@ -774,12 +794,15 @@ impl Hub {
             .get(client)
             .and_then(|k| st.subscribers.get(*k))
             .ok_or_else(not_found)?;
+        let _in_flight = self.in_flight();
         let mut ev = self.event(channel, Publish { key: None, ..p });
         if let Some(cs) = &cluster {
             // Not part of any origin's stream: its id is the node's current
             // position, so a client that resumes from it misses nothing.
             if let Some(e) = Arc::get_mut(&mut ev) {
                 e.wire_id = Some(Arc::from(cs.position.to_string()));
+                // After every event applied so far, like the position.
+                e.order = cs.applied;
             }
         }
         self.fan_out(std::iter::once(&sub.outbox), &ev);
@@ -819,6 +842,7 @@ impl Hub {
             if !replay.is_done() && outbox.push_replay(replay) == Pushed::Overflowed {
                 self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
             }
+            outbox.attach();
             let key = st.subscribers.insert(Sub {
                 outbox: outbox.clone(),
                 client: client.clone(),
@@ -868,7 +892,9 @@ impl Hub {
             Resume::After(_) if self.config.origin.is_some() => {
                 everything(None, "the event id is not a cluster position")
             }
-            Resume::After(after) if *after < self.ids.boot() || *after > self.ids.last() => {
+            Resume::After(after)
+                if *after < self.seq.ids().boot() || *after > self.seq.ids().last() =>
+            {
                 everything(None, "the event id is unknown to this hub")
             }
             Resume::After(after) if st.lost_upto > *after => {

@@ -6,17 +6,28 @@
 //! too slow, its writer ends the connection, and the client resumes from
 //! history when it reconnects. Nobody else waits for it.
 //!
+//! Order: a connection receives events in delivery order (`Event::order`:
+//! the id on a single node, apply order in a cluster), whatever channels
+//! they come from, because one `Last-Event-ID` resumes them all. Live
+//! events of one channel arrive in order (they are pushed under the
+//! channel's lock); replays are cursors over history, merged with each
+//! other and with live events by order; and on a single node an outbox of
+//! several channels sends nothing above the sequencer's horizon (a publish
+//! with a smaller id may still be on its way from another channel) and
+//! sorts what arrives out of order.
+//!
 //! An idle outbox holds an empty `VecDeque` (no allocation) and a `Notify`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::event::{Reset, SharedEvent};
-use super::name::ChannelName;
-use super::replay::{BATCH_BYTES, CURSOR_COST, Replay};
+use super::replay::{BATCH_BYTES, CURSOR_COST, Head, Replay};
+use super::sequencer::Sequencer;
 
 /// Something to send to one connection.
 #[derive(Debug, Clone)]
@@ -33,6 +44,14 @@ impl Item {
         match self {
             Self::Event(e) => e.cost(),
             Self::Reset(r) => r.channel.as_str().len() + r.reason.len() + 64,
+        }
+    }
+
+    /// Where it goes in delivery order (a reset goes first).
+    pub fn order(&self) -> u64 {
+        match self {
+            Self::Event(e) => e.order,
+            Self::Reset(_) => 0,
         }
     }
 }
@@ -62,20 +81,34 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     limit: usize,
+    /// Single node: where every publish is queued (see `sequencer`).
+    sequencer: Option<Arc<Sequencer>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Live items, in order.
+    /// Live items, in delivery order.
     items: VecDeque<Item>,
-    /// Replay cursors, in order, each with how many of `items` are ahead of
-    /// it. `None` (the usual case), the writer takes `items` whole; boxed so
-    /// that every outbox does not pay for it (fan-out touches them all).
+    /// Replay cursors. `None` (the usual case), the writer takes `items`
+    /// whole; boxed so that every outbox does not pay for it (fan-out
+    /// touches them all).
     #[allow(clippy::box_collection)] // 8 bytes per outbox instead of 32
-    replays: Option<Box<VecDeque<(usize, Replay)>>>,
+    replays: Option<Box<VecDeque<Cursor>>>,
     /// What `items` and `replays` cost against the limit.
     bytes: usize,
     closed: Option<Closed>,
+    /// Channels registered on this outbox now.
+    channels: u32,
+    /// It has had several channels: what it sends waits for the horizon.
+    mixed: bool,
+    /// Names the next cursor (the writer finds it again after a refill).
+    next_cursor: u32,
+}
+
+#[derive(Debug)]
+struct Cursor {
+    key: u32,
+    replay: Replay,
 }
 
 impl State {
@@ -89,6 +122,20 @@ impl State {
     fn is_empty(&self) -> bool {
         self.items.is_empty() && self.replays.is_none()
     }
+
+    fn take_live(&mut self, n: usize) -> VecDeque<Item> {
+        if n == self.items.len() {
+            self.bytes = self
+                .bytes
+                .saturating_sub(self.items.iter().map(Item::cost).sum());
+            return std::mem::take(&mut self.items);
+        }
+        let taken: VecDeque<Item> = self.items.drain(..n).collect();
+        self.bytes = self
+            .bytes
+            .saturating_sub(taken.iter().map(Item::cost).sum());
+        taken
+    }
 }
 
 /// What the writer gets.
@@ -100,20 +147,74 @@ pub enum Batch {
     Closed(Closed),
 }
 
+/// What is ready for the writer now.
+enum Poll {
+    Ready(Batch),
+    /// Nothing queued.
+    Empty,
+    /// Something is queued, but a publish with a smaller id is still in
+    /// flight: wait for it (it takes microseconds), then look again.
+    Held,
+}
+
 impl Outbox {
     /// An outbox that closes once more than `limit` bytes are queued.
     pub fn new(limit: usize) -> Arc<Self> {
+        Self::sequenced(limit, None)
+    }
+
+    /// An outbox that, once it has several channels, sends nothing above
+    /// `sequencer`'s horizon (single node; `None` in a cluster, where the
+    /// apply lock orders every queue).
+    pub(super) fn sequenced(limit: usize, sequencer: Option<Arc<Sequencer>>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             limit,
+            sequencer,
         })
+    }
+
+    /// Counts a channel registered on this outbox.
+    pub(super) fn attach(&self) {
+        let mut st = self.state.lock();
+        st.channels += 1;
+        if st.channels > 1 {
+            st.mixed = true;
+        }
+    }
+
+    /// A channel's subscription ended: forgets the replays still queued
+    /// for it. Live items of that channel stay; writers skip them.
+    pub(super) fn detach(&self, channel: &Arc<super::Channel>) {
+        let mut st = self.state.lock();
+        st.channels = st.channels.saturating_sub(1);
+        let Some(replays) = st.replays.as_mut() else {
+            return;
+        };
+        let before = replays.len();
+        replays.retain(|c| !Arc::ptr_eq(c.replay.channel(), channel));
+        let dropped = before - replays.len();
+        if replays.is_empty() {
+            st.replays = None;
+        }
+        st.bytes = st.bytes.saturating_sub(dropped * CURSOR_COST);
     }
 
     /// Queues a live item that costs `cost` bytes against the limit
     /// (`cost` must be [`Item::cost`]).
     pub fn push(&self, item: Item, cost: usize) -> Pushed {
-        self.enqueue(cost, |st| st.items.push_back(item))
+        self.enqueue(cost, |st| {
+            let order = item.order();
+            if st.items.back().is_some_and(|b| b.order() > order) {
+                // Only an outbox of several channels on a single node gets
+                // here: two publishes crossed on their way.
+                let at = st.items.partition_point(|i| i.order() <= order);
+                st.items.insert(at, item);
+            } else {
+                st.items.push_back(item);
+            }
+        })
     }
 
     /// Queues a replay. The events it will read are shared with history
@@ -122,10 +223,11 @@ impl Outbox {
     /// like any slow one.
     pub(super) fn push_replay(&self, replay: Replay) -> Pushed {
         self.enqueue(CURSOR_COST, |st| {
-            let ahead = st.items.len();
+            let key = st.next_cursor;
+            st.next_cursor = st.next_cursor.wrapping_add(1);
             st.replays
                 .get_or_insert_default()
-                .push_back((ahead, replay));
+                .push_back(Cursor { key, replay });
         })
     }
 
@@ -150,102 +252,109 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Forgets the replays still queued for `channel` (its subscription
-    /// ended). Live items of that channel stay; writers skip them.
-    pub(super) fn drop_replays(&self, channel: &ChannelName) {
-        let mut st = self.state.lock();
-        let Some(replays) = st.replays.as_mut() else {
-            return;
-        };
-        let before = replays.len();
-        replays.retain(|(_, r)| r.channel() != channel);
-        let dropped = before - replays.len();
-        if replays.is_empty() {
-            st.replays = None;
-        }
-        st.bytes = st.bytes.saturating_sub(dropped * CURSOR_COST);
-    }
-
     /// Waits until there is something to write or the outbox is closed,
     /// then takes it. Cancel-safe.
     pub async fn next_batch(&self) -> Batch {
+        let mut held = 0u32;
         loop {
-            if let Some(batch) = self.try_batch() {
-                return batch;
+            match self.poll() {
+                Poll::Ready(batch) => return batch,
+                Poll::Empty => {
+                    held = 0;
+                    self.notify.notified().await;
+                }
+                // The publish in flight runs without awaiting on another
+                // thread; give it the CPU, then poll at a short interval.
+                Poll::Held if held < 64 => {
+                    held += 1;
+                    tokio::task::yield_now().await;
+                }
+                Poll::Held => tokio::time::sleep(Duration::from_micros(200)).await,
             }
-            self.notify.notified().await;
         }
     }
 
-    /// Takes what is ready without waiting: every live item queued up to
-    /// the next replay, or the next bounded batch of a replay (about
-    /// 64 KiB; the rest stays queued for the next call).
+    /// Takes what is ready without waiting: every live item queued (up to
+    /// the horizon, for an outbox of several channels), or, with replays
+    /// queued, about 64 KiB of replayed and live items merged in order
+    /// (the rest stays queued for the next call).
     #[inline]
     pub fn try_batch(&self) -> Option<Batch> {
+        match self.poll() {
+            Poll::Ready(batch) => Some(batch),
+            Poll::Empty | Poll::Held => None,
+        }
+    }
+
+    /// The order up to which items may be sent now.
+    fn horizon(&self, st: &State) -> u64 {
+        match &self.sequencer {
+            Some(s) if st.mixed => s.horizon(),
+            _ => u64::MAX,
+        }
+    }
+
+    #[inline]
+    fn poll(&self) -> Poll {
         {
             // The usual case, as cheap as a queue with no replays: every
             // delivery of a fan-out passes here.
             let mut st = self.state.lock();
             if st.replays.is_none() {
                 if let Some(reason) = st.closed {
-                    return Some(Batch::Closed(reason));
+                    return Poll::Ready(Batch::Closed(reason));
                 }
                 if st.items.is_empty() {
-                    return None;
+                    return Poll::Empty;
                 }
-                st.bytes = 0;
-                return Some(Batch::Items(std::mem::take(&mut st.items)));
+                if !st.mixed {
+                    st.bytes = 0;
+                    return Poll::Ready(Batch::Items(std::mem::take(&mut st.items)));
+                }
+                let horizon = self.horizon(&st);
+                let n = st.items.partition_point(|i| i.order() <= horizon);
+                if n == 0 {
+                    return Poll::Held;
+                }
+                return Poll::Ready(Batch::Items(st.take_live(n)));
             }
         }
-        self.try_batch_replaying()
+        self.poll_replaying()
     }
 
-    /// [`Outbox::try_batch`] with replays queued.
+    /// [`Outbox::poll`] with replays queued: a merge, by delivery order, of
+    /// live items and every cursor, refilling a cursor from its channel's
+    /// history when it runs dry.
     #[inline(never)]
-    fn try_batch_replaying(&self) -> Option<Batch> {
+    fn poll_replaying(&self) -> Poll {
+        let mut out = VecDeque::new();
+        let mut bytes = 0;
+        let mut held = false;
         loop {
             let mut st = self.state.lock();
             if let Some(reason) = st.closed {
-                return Some(Batch::Closed(reason));
+                return Poll::Ready(Batch::Closed(reason));
             }
-            let ahead = match st.replays.as_ref().and_then(|r| r.front()) {
-                None if st.items.is_empty() => return None,
-                None => {
-                    st.bytes = 0;
-                    return Some(Batch::Items(std::mem::take(&mut st.items)));
-                }
-                Some((ahead, _)) => *ahead,
+            let horizon = self.horizon(&st);
+            let refill = merge(&mut st, horizon, &mut out, &mut bytes, &mut held);
+            let Some((channel, key)) = refill else {
+                drop(st);
+                return match out.is_empty() {
+                    false => Poll::Ready(Batch::Items(out)),
+                    true if held => Poll::Held,
+                    true => Poll::Empty,
+                };
             };
-            if ahead > 0 {
-                let taken: VecDeque<Item> = st.items.drain(..ahead).collect();
-                let cost: usize = taken.iter().map(Item::cost).sum();
-                st.bytes = st.bytes.saturating_sub(cost);
-                for (a, _) in st.replays.iter_mut().flat_map(|r| r.iter_mut()) {
-                    *a -= ahead;
-                }
-                return Some(Batch::Items(taken));
-            }
-            let Some((_, mut replay)) = st.replays.as_mut().and_then(|r| r.pop_front()) else {
-                return None; // unreachable: the front was just seen
-            };
-            if st.replays.as_ref().is_some_and(|r| r.is_empty()) {
-                st.replays = None;
-            }
-            // Lock order is channel, then outbox: pull without ours.
+            // Lock order is channel, then outbox.
             drop(st);
-            let mut out = Vec::new();
-            replay.pull(BATCH_BYTES, &mut out);
+            let cs = channel.state.lock();
             let mut st = self.state.lock();
-            if let Some(reason) = st.closed {
-                return Some(Batch::Closed(reason));
-            }
-            if replay.is_done() {
-                st.bytes = st.bytes.saturating_sub(CURSOR_COST);
-            } else {
-                st.replays.get_or_insert_default().push_front((0, replay));
-            }
-            if !out.is_empty() {
-                return Some(Batch::Items(out.into()));
+            if let Some(c) = st
+                .replays
+                .as_mut()
+                .and_then(|r| r.iter_mut().find(|c| c.key == key))
+            {
+                c.replay.refill(&cs);
             }
         }
     }
@@ -253,6 +362,76 @@ impl Outbox {
     /// True once the outbox has been closed.
     pub fn is_closed(&self) -> bool {
         self.state.lock().closed.is_some()
+    }
+}
+
+/// Moves items from `st` to `out` in delivery order, up to the horizon and
+/// about [`BATCH_BYTES`]. Returns the cursor to refill first, if one ran
+/// dry (its next item is unknown, so nothing can be sent past it).
+fn merge(
+    st: &mut State,
+    horizon: u64,
+    out: &mut VecDeque<Item>,
+    bytes: &mut usize,
+    held: &mut bool,
+) -> Option<(Arc<super::Channel>, u32)> {
+    loop {
+        if *bytes >= BATCH_BYTES {
+            return None;
+        }
+        let State {
+            items,
+            replays,
+            bytes: queued,
+            ..
+        } = st;
+        let Some(cursors) = replays.as_mut() else {
+            // Every replay is done: what is live follows.
+            let n = items.partition_point(|i| i.order() <= horizon);
+            *held |= n < items.len();
+            let taken = st.take_live(n);
+            out.extend(taken);
+            return None;
+        };
+        // The smallest head: `None` is the live queue.
+        let mut best: Option<(u64, Option<usize>)> = items.front().map(|i| (i.order(), None));
+        let mut k = 0;
+        while k < cursors.len() {
+            match cursors[k].replay.head() {
+                Head::Ready(order) => {
+                    if best.is_none_or(|(b, _)| order < b) {
+                        best = Some((order, Some(k)));
+                    }
+                    k += 1;
+                }
+                Head::Refill => {
+                    let c = &cursors[k];
+                    return Some((c.replay.channel().clone(), c.key));
+                }
+                Head::Done => {
+                    cursors.remove(k);
+                    *queued = queued.saturating_sub(CURSOR_COST);
+                }
+            }
+        }
+        if cursors.is_empty() {
+            *replays = None;
+        }
+        let item = match best {
+            None => return None,
+            Some((order, _)) if order > horizon => {
+                *held = true;
+                return None;
+            }
+            Some((_, None)) => {
+                let item = items.pop_front()?;
+                *queued = queued.saturating_sub(item.cost());
+                item
+            }
+            Some((_, Some(k))) => replays.as_mut()?.get_mut(k)?.replay.pop()?,
+        };
+        *bytes += item.cost();
+        out.push_back(item);
     }
 }
 

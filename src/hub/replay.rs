@@ -18,14 +18,15 @@
 //! while the client reads slowly; the cursor then sends `herald.reset`
 //! before what is left, so nothing is skipped silently.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::Channel;
 use super::event::{Reset, SharedEvent};
 use super::outbox::Item;
 use super::position::Position;
+use super::{Channel, ChannelState};
 
-/// Most bytes one pull takes from history (at least one event is taken).
+/// Most bytes one refill takes from history (at least one event is taken).
 pub(super) const BATCH_BYTES: usize = 64 * 1024;
 
 /// What a replay costs against a connection's queue limit while queued: a
@@ -40,13 +41,26 @@ pub struct Replay {
     reset: Option<Arc<Reset>>,
     /// Sent after the reset: the retained value, when history lacks it.
     retained: Option<SharedEvent>,
-    /// The next history position to send.
+    /// Taken from history, not sent yet (at most one refill, ~64 KiB).
+    buf: VecDeque<Item>,
+    /// The next history position to take.
     next: u64,
     /// One past the last history position that belongs to the replay (what
     /// history held at subscribe time; later events are queued live).
     end: u64,
     /// Cluster mode: events this position covers are left out.
     skip: Option<Arc<Position>>,
+}
+
+/// What a replay has next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Head {
+    /// An item of this delivery order is ready ([`Replay::pop`]).
+    Ready(u64),
+    /// History must be read first ([`Replay::refill`]).
+    Refill,
+    /// Nothing is left.
+    Done,
 }
 
 impl Replay {
@@ -64,6 +78,7 @@ impl Replay {
             channel,
             reset,
             retained,
+            buf: VecDeque::new(),
             next,
             end,
             skip,
@@ -72,33 +87,50 @@ impl Replay {
 
     /// True when nothing is left to send.
     pub(super) fn is_done(&self) -> bool {
-        self.reset.is_none() && self.retained.is_none() && self.next >= self.end
+        self.head() == Head::Done
     }
 
     /// The channel this replay belongs to.
-    pub(super) fn channel(&self) -> &super::ChannelName {
-        &self.channel.name
+    pub(super) fn channel(&self) -> &Arc<Channel> {
+        &self.channel
     }
 
-    /// Takes the next items, up to about `budget` bytes (at least one
-    /// event), and advances. Locks the channel: call it with no outbox
-    /// lock held (lock order is channel, then outbox).
-    pub(super) fn pull(&mut self, budget: usize, out: &mut Vec<Item>) {
+    /// What comes next. A reset and the retained value come before
+    /// anything else queued (order 0): they describe where the client
+    /// starts, and an old retained id sent after newer events would make
+    /// the client resume from before them.
+    pub(super) fn head(&self) -> Head {
+        if self.reset.is_some() || self.retained.is_some() {
+            return Head::Ready(0);
+        }
+        match self.buf.front() {
+            Some(item) => Head::Ready(item.order()),
+            None if self.next < self.end => Head::Refill,
+            None => Head::Done,
+        }
+    }
+
+    /// Takes the next item, if one is ready.
+    pub(super) fn pop(&mut self) -> Option<Item> {
         if let Some(r) = self.reset.take() {
-            out.push(Item::Reset(r));
+            return Some(Item::Reset(r));
         }
-        let mut bytes = 0;
         if let Some(r) = self.retained.take() {
-            bytes += r.cost();
-            out.push(Item::Event(r));
+            return Some(Item::Event(r));
         }
+        self.buf.pop_front()
+    }
+
+    /// Reads the next events from the channel's history (`st`, locked by
+    /// the caller: lock order is channel, then outbox), about
+    /// [`BATCH_BYTES`] of them and at least one.
+    pub(super) fn refill(&mut self, st: &ChannelState) {
         if self.next >= self.end {
             return;
         }
-        let st = self.channel.state.lock();
         if self.next < st.front_seq {
             // Evicted before this slow reader got to it: say so.
-            out.push(Item::Reset(Arc::new(Reset {
+            self.buf.push_back(Item::Reset(Arc::new(Reset {
                 channel: self.channel.name.clone(),
                 reason: "events were dropped from history before this replay reached them"
                     .to_owned(),
@@ -107,7 +139,8 @@ impl Replay {
         }
         let kept_end = st.front_seq + st.history.len() as u64;
         let end = self.end.min(kept_end);
-        while self.next < end && (bytes < budget || out.is_empty()) {
+        let mut bytes = 0;
+        while self.next < end && (bytes < BATCH_BYTES || self.buf.is_empty()) {
             // In range: front_seq <= next < front_seq + len.
             let Some(ev) = st.history.get((self.next - st.front_seq) as usize) else {
                 break;
@@ -115,7 +148,7 @@ impl Replay {
             self.next += 1;
             if super::unseen(self.skip.as_deref(), ev) {
                 bytes += ev.cost();
-                out.push(Item::Event(ev.clone()));
+                self.buf.push_back(Item::Event(ev.clone()));
             }
         }
         if self.next >= end {

@@ -579,7 +579,7 @@ mod replay {
         for n in 0..50 {
             hub.publish(&ch("a"), big(n, 4_000));
         }
-        let first = hub.ids.boot();
+        let first = hub.seq.ids().boot();
         let (o, _s) = sub(&hub, "a", &Resume::After(first));
         let Some(Batch::Items(first_batch)) = o.try_batch() else {
             panic!()
@@ -603,7 +603,7 @@ mod replay {
         for n in 0..100 {
             hub.publish(&ch("a"), big(n, 4_000));
         }
-        let (o, _s) = sub(&hub, "a", &Resume::After(hub.ids.boot()));
+        let (o, _s) = sub(&hub, "a", &Resume::After(hub.seq.ids().boot()));
         let Some(Batch::Items(first)) = o.try_batch() else {
             panic!()
         };
@@ -728,5 +728,193 @@ mod limits {
         });
         assert!(none.channels.is_empty());
         assert_eq!(none.channels_matching, 5);
+    }
+}
+
+/// One connection of several channels: replays merged in delivery order,
+/// live events in id order under concurrent publishers.
+mod order {
+    use super::*;
+
+    /// Subscribes one outbox to every channel of `chans`, as an SSE
+    /// `/events?stream=..` or a WebSocket `?channel=..` registration does.
+    fn sub_all(hub: &Arc<Hub>, chans: &[&str], from: &Resume) -> (Arc<Outbox>, Vec<Subscription>) {
+        let o = hub.outbox();
+        let id = ClientId::generate();
+        let subs = chans
+            .iter()
+            .map(|c| hub.subscribe(&ch(c), &id, &o, from).unwrap())
+            .collect();
+        (o, subs)
+    }
+
+    fn events(items: Vec<Item>) -> Vec<SharedEvent> {
+        items
+            .into_iter()
+            .map(|i| match i {
+                Item::Event(e) => e,
+                Item::Reset(r) => panic!("unexpected reset {r:?}"),
+            })
+            .collect()
+    }
+
+    /// Published a0 b0 a1 b1 ..., a resume from any id replays exactly what
+    /// followed it, in that order; so a client cut anywhere in the replay
+    /// that resumes from its last id ends with every event once.
+    #[test]
+    fn a_multi_channel_replay_is_merged_in_id_order_and_resumes_at_any_cut() {
+        let hub = Hub::new(cfg(100));
+        let mut published = vec![];
+        for i in 0..10 {
+            for c in ["a", "b", "c"] {
+                let name = format!("{c}{i}");
+                published.push((hub.publish(&ch(c), text(&name)).id, name));
+            }
+        }
+        let all: Vec<String> = published.iter().map(|(_, n)| n.clone()).collect();
+        // Small batches would not change the order; the whole replay here
+        // fits in one.
+        for cut in 0..published.len() {
+            let (first_id, _) = &published[0];
+            // From "before everything" (the id before the first) too.
+            let from = if cut == 0 {
+                Resume::After(EventId::from_u64(first_id.as_u64() - 1))
+            } else {
+                Resume::After(published[cut - 1].0)
+            };
+            let (o, _s) = sub_all(&hub, &["a", "b", "c"], &from);
+            let got: Vec<String> = events(take_all(&o).unwrap())
+                .iter()
+                .map(|e| e.data.as_text().to_owned())
+                .collect();
+            assert_eq!(got, all[cut..], "resumed after event {cut}");
+        }
+        // A client that reads the replay one event at a time, is cut after
+        // each, and resumes from its last id, gets every event once.
+        let mut got = vec![];
+        let mut from = Resume::After(EventId::from_u64(published[0].0.as_u64() - 1));
+        loop {
+            let (o, _s) = sub_all(&hub, &["c", "a", "b"], &from);
+            let Some(ev) = events(take_all(&o).unwrap()).into_iter().next() else {
+                break;
+            };
+            from = Resume::After(ev.id);
+            got.push(ev.data.as_text().to_owned());
+        }
+        assert_eq!(got, all);
+    }
+
+    /// Live events published while the replay is read, on every channel,
+    /// come after it and in id order.
+    #[test]
+    fn live_events_queued_between_two_registrations_are_merged_too() {
+        let hub = Hub::new(cfg(100));
+        let before = hub.publish(&ch("a"), text("a0")).id;
+        hub.publish(&ch("b"), text("b0"));
+        let o = hub.outbox();
+        let id = ClientId::generate();
+        let from = Resume::After(EventId::from_u64(before.as_u64() - 1));
+        let _sa = hub.subscribe(&ch("a"), &id, &o, &from).unwrap();
+        // Published between the two registrations: live on a, and in b's
+        // history, which is replayed.
+        hub.publish(&ch("a"), text("a1"));
+        hub.publish(&ch("b"), text("b1"));
+        hub.publish(&ch("a"), text("a2"));
+        let _sb = hub.subscribe(&ch("b"), &id, &o, &from).unwrap();
+        hub.publish(&ch("b"), text("b2"));
+        let got: Vec<String> = events(take_all(&o).unwrap())
+            .iter()
+            .map(|e| e.data.as_text().to_owned())
+            .collect();
+        assert_eq!(got, ["a0", "b0", "a1", "b1", "a2", "b2"]);
+    }
+
+    /// Four threads publish to four channels at once; one connection of all
+    /// four, drained while they publish, receives every id in order.
+    #[test]
+    fn live_delivery_is_in_id_order_under_concurrent_publishers() {
+        let hub = Hub::new(cfg(10));
+        let chans = ["a", "b", "c", "d"];
+        let (o, _s) = sub_all(&hub, &chans, &Resume::Fresh);
+        let per = 20_000;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let got = std::thread::scope(|s| {
+            for c in chans {
+                let hub = &hub;
+                s.spawn(move || {
+                    for i in 0..per {
+                        hub.publish(&ch(c), text(&i.to_string()));
+                    }
+                });
+            }
+            rt.block_on(async {
+                let mut got = Vec::with_capacity(4 * per);
+                while got.len() < 4 * per {
+                    match o.next_batch().await {
+                        Batch::Items(items) => got.extend(events(items.into())),
+                        Batch::Closed(c) => panic!("closed: {c:?}"),
+                    }
+                }
+                got
+            })
+        });
+        let inversions = got.windows(2).filter(|w| w[0].id >= w[1].id).count();
+        assert_eq!(inversions, 0, "of {} events", got.len());
+    }
+
+    /// In a cluster, origin ids are not comparable: a multi-channel replay
+    /// follows apply order, which is what positions follow.
+    #[test]
+    fn a_cluster_replay_follows_the_order_events_were_applied() {
+        let node = |name: &str| {
+            Hub::new(Config {
+                origin: Some(Origin::from(name)),
+                ..cfg(100)
+            })
+        };
+        let (x, y) = (node("x"), node("y"));
+        let mut wires = vec![];
+        for i in 0..5 {
+            for (c, n) in [("a", &x), ("b", &y)] {
+                let p = n.publish(&ch(c), text(&format!("{c}{i}")));
+                // y learns x's events as they happen (a peer stream).
+                if Arc::ptr_eq(n, &x) {
+                    let ev = x.own_events_after(EventId::from_u64(p.id.as_u64() - 1));
+                    let ev = &ev[0];
+                    y.apply_remote(
+                        &ev.channel,
+                        ev.origin.as_ref().unwrap(),
+                        ev.id,
+                        text(ev.data.as_text()),
+                    );
+                }
+                let _ = p;
+            }
+        }
+        // What a subscriber of y saw, in order, with its ids.
+        let (o, _s) = sub_all(&y, &["a", "b"], &Resume::Unknown("x".into()));
+        let items = take_all(&o).unwrap();
+        for i in &items[..2] {
+            assert!(matches!(i, Item::Reset(_)));
+        }
+        let evs = events(items[2..].to_vec());
+        let names: Vec<&str> = evs.iter().map(|e| e.data.as_text()).collect();
+        assert_eq!(
+            names,
+            ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"]
+        );
+        wires.extend(evs.iter().map(|e| e.wire_id()));
+        // Resuming from any of those positions replays exactly the rest.
+        for (k, w) in wires.iter().enumerate() {
+            let (o, _s) = sub_all(&y, &["b", "a"], &Resume::parse(Some(w)));
+            let rest: Vec<String> = events(take_all(&o).unwrap())
+                .iter()
+                .map(|e| e.data.as_text().to_owned())
+                .collect();
+            assert_eq!(rest, names[k + 1..], "after {w}");
+        }
     }
 }
