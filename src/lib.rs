@@ -19,4 +19,5 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod k8s;
+pub mod retry;
 pub mod shutdown;

@@ -510,7 +510,7 @@ impl Backplane {
     ) -> Option<S> {
         loop {
             if *failures > 0 {
-                let wait = backoff(*failures);
+                let wait = crate::retry::delay(*failures);
                 tokio::select! {
                     () = stop.cancelled() => return None,
                     () = tokio::time::sleep(wait) => {}
@@ -720,14 +720,6 @@ impl Role {
     }
 }
 
-/// Capped exponential backoff with jitter: 100 ms doubling to 5 s.
-fn backoff(failures: u32) -> Duration {
-    let cap = Duration::from_millis(100)
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
-        .min(Duration::from_secs(5));
-    cap.mul_f64(rand::random::<f64>().max(0.2))
-}
-
 /// A URL without its password, for logs and `/status`.
 pub fn redact(url: &str) -> String {
     match url.split_once("://") {
@@ -769,12 +761,5 @@ mod tests {
         );
         assert_eq!(redact("nats://s3cret@nats:4222"), "nats://***@nats:4222");
         assert!(!redact("rediss://u:p%40ss@h/").contains("p%40ss"));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(100));
-        assert!(backoff(30) <= Duration::from_secs(5));
-        assert!(backoff(30) >= Duration::from_secs(1));
     }
 }

@@ -295,9 +295,20 @@ async fn stream(
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
 }
 
+/// The header naming the node that answers a snapshot: a node whose peer
+/// list names itself must not backfill from its own (empty) history.
+pub(super) const NODE_HEADER: &str = "herald-node";
+
 async fn snapshot(State(s): State<Internal>) -> Response {
     let lines: Vec<Line> = s.hub.snapshot().iter().filter_map(Line::of).collect();
-    Json(lines).into_response()
+    let me = s
+        .hub
+        .config()
+        .origin
+        .as_deref()
+        .unwrap_or_default()
+        .to_owned();
+    ([(NODE_HEADER, me)], Json(lines)).into_response()
 }
 
 async fn channels(State(s): State<Internal>) -> Response {

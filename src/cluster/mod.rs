@@ -380,6 +380,14 @@ pub struct PeerStatus {
     pub error: Option<String>,
 }
 
+/// What a peer answered to a snapshot request.
+enum Snapshot {
+    /// The address is this node's own listener.
+    Own,
+    /// Another node's kept events and retained values.
+    Peer(Vec<internal::Line>),
+}
+
 /// A running cluster node.
 #[derive(Debug)]
 pub struct Node {
@@ -516,19 +524,31 @@ impl Node {
         }
     }
 
-    /// Discovery, then the first backfill, then readiness.
+    /// Discovery, then the first backfill, then readiness. Until a backfill
+    /// succeeded the node stays unready, and retries (with backoff, with
+    /// the peers found meanwhile) until a peer answered with a snapshot or
+    /// the node knows it is alone.
     async fn run(self: Arc<Self>, mut found: tokio::sync::watch::Receiver<Option<Vec<String>>>) {
-        let mut first = true;
         let mut tick = tokio::time::interval(match self.options.mode {
             Mode::Dns => self.options.peers_dns_interval,
             _ => Duration::from_secs(3600),
         });
         let watched = matches!(self.options.mode, Mode::Kubernetes | Mode::Gossip);
+        // Backfills that found no peer, in a row.
+        let mut failures = 0u32;
         loop {
+            let again = (failures > 0 && !self.ready()).then(|| crate::retry::delay(failures));
+            let wait_retry = async {
+                match again {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let addrs = if watched {
                 tokio::select! {
                     () = self.shutdown.cancelled() => return,
                     r = found.changed() => if r.is_err() { return },
+                    () = wait_retry => {}
                 }
                 match found.borrow_and_update().clone() {
                     Some(list) => list,
@@ -538,15 +558,18 @@ impl Node {
                 tokio::select! {
                     () = self.shutdown.cancelled() => return,
                     _ = tick.tick() => {}
+                    () = wait_retry => {}
                 }
                 self.discover().await
             };
             self.reconcile(&addrs);
-            if first {
-                first = false;
-                self.backfill().await;
-                self.ready.store(true, Ordering::Release);
-                tracing::info!(node = %self.name, peers = addrs.len(), "cluster node is ready");
+            if !self.ready() {
+                if self.backfill().await {
+                    self.ready.store(true, Ordering::Release);
+                    tracing::info!(node = %self.name, peers = addrs.len(), "cluster node is ready");
+                } else {
+                    failures = failures.saturating_add(1);
+                }
             }
         }
     }
@@ -604,32 +627,61 @@ impl Node {
         }
     }
 
-    /// Applies one peer's snapshot (history and retained values of every
-    /// origin), then waits until every peer link has caught up or given
-    /// up for now, bounded by the peer timeout.
-    async fn backfill(&self) {
+    /// Asks every peer for its snapshot (history and retained values of
+    /// every origin, this node's own included: what it held before a
+    /// restart), applies the largest first and then the others (each adds
+    /// only what the ones before lacked), then waits until every peer link
+    /// has caught up or given up for now, bounded by the peer timeout.
+    /// Returns false (stay unready, try again) if no peer answered and
+    /// the node is not alone; this node's own address is never asked twice
+    /// and never used.
+    async fn backfill(&self) -> bool {
         let links: Vec<Arc<peer::Link>> = self.peers.lock().values().cloned().collect();
-        for link in &links {
-            match self.fetch_snapshot(link.addr()).await {
-                Ok(n) => {
-                    tracing::info!(peer = %link.addr(), events = n, "backfilled from peer");
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %link.addr(), error = %e, "no snapshot from peer");
-                }
+        let others: Vec<&Arc<peer::Link>> = links.iter().filter(|l| !l.is_self()).collect();
+        let answers =
+            futures_util::future::join_all(others.iter().map(|l| self.fetch_snapshot(l.addr())))
+                .await;
+        let mut snapshots = vec![];
+        let mut failed = vec![];
+        for (link, answer) in others.iter().zip(answers) {
+            match answer {
+                Ok(Snapshot::Own) => link.mark_self(),
+                Ok(Snapshot::Peer(lines)) => snapshots.push((link.addr(), lines)),
+                Err(e) => failed.push(format!("{}: {e}", link.addr())),
             }
+        }
+        if snapshots.is_empty() && !failed.is_empty() {
+            tracing::warn!(
+                node = %self.name,
+                errors = %failed.join("; "),
+                "no peer answered with a snapshot; not ready until one does"
+            );
+            return false;
+        }
+        if snapshots.is_empty() {
+            tracing::info!(node = %self.name, "no peers: this node is alone");
+        }
+        // The peer with the most history first.
+        snapshots.sort_by_key(|(_, lines)| std::cmp::Reverse(lines.len()));
+        for (k, (addr, lines)) in snapshots.into_iter().enumerate() {
+            let kept = lines.len();
+            let n = internal::apply_all(&self.hub, &self.name, lines);
+            tracing::info!(peer = %addr, kept, applied = n, first = k == 0, "backfilled from peer");
+        }
+        for e in &failed {
+            tracing::warn!(node = %self.name, error = %e, "a peer gave no snapshot");
         }
         let deadline = tokio::time::Instant::now() + self.options.peer_timeout;
         while tokio::time::Instant::now() < deadline && !self.shutdown.is_cancelled() {
             if links.iter().all(|l| l.settled()) {
-                return;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
-    async fn fetch_snapshot(&self, addr: &str) -> Result<usize, String> {
+    async fn fetch_snapshot(&self, addr: &str) -> Result<Snapshot, String> {
         let resp = self
             .authorize(self.http.get(format!("http://{addr}/internal/v1/snapshot")))
             .timeout(self.options.peer_timeout)
@@ -639,8 +691,15 @@ impl Node {
         if !resp.status().is_success() {
             return Err(format!("status {}", resp.status()));
         }
+        let node = resp
+            .headers()
+            .get(internal::NODE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if node == Some(&*self.name) {
+            return Ok(Snapshot::Own);
+        }
         let lines: Vec<internal::Line> = resp.json().await.map_err(|e| e.to_string())?;
-        Ok(internal::apply_all(&self.hub, &self.name, lines))
+        Ok(Snapshot::Peer(lines))
     }
 
     /// Channels with subscribers on any node (for `POST /channel`).

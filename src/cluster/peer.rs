@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -64,6 +63,14 @@ impl Link {
         self.inner.lock().state == "self"
     }
 
+    /// The address turned out to be this node's own listener (its snapshot
+    /// said so): the link stops following it.
+    pub(super) fn mark_self(&self) {
+        self.set("self", None);
+        self.settled.store(true, Ordering::Release);
+        self.stop.cancel();
+    }
+
     pub(super) fn status(&self) -> super::PeerStatus {
         let s = self.inner.lock();
         super::PeerStatus {
@@ -101,10 +108,8 @@ impl Link {
                     self.set("retrying", Some(e));
                 }
             }
-            let cap = Duration::from_millis(100)
-                .saturating_mul(2u32.saturating_pow(failures.min(6)))
-                .min(Duration::from_secs(5));
-            let wait = cap.mul_f64(rand::random::<f64>().max(0.1));
+            // A stream that ended cleanly is reopened at once (the first wait).
+            let wait = crate::retry::delay(failures.max(1));
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}

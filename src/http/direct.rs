@@ -62,6 +62,9 @@ fn parse_subscribe(
     query: Option<&str>,
     headers: &[httparse::Header<'_>],
 ) -> Option<Subscribe> {
+    if super::repeated(headers.iter().map(|h| h.name)).is_some() {
+        return None; // hyper answers 400
+    }
     let mut last_event_id = None;
     let mut origin = None;
     for h in headers {

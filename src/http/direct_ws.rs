@@ -52,6 +52,9 @@ fn parse_upgrade(
     query: Option<&str>,
     headers: &[httparse::Header<'_>],
 ) -> Option<Upgrade> {
+    if super::repeated(headers.iter().map(|h| h.name)).is_some() {
+        return None; // hyper answers 400
+    }
     let (mut upgrade, mut connection, mut version, mut key, mut last_event_id) =
         (false, false, false, None, None);
     for h in headers {

@@ -180,9 +180,60 @@ pub fn router(state: State) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state);
-    match cors {
+    // Outside CORS, so that a repeated Origin is refused before CORS reads
+    // the first one.
+    let router = match cors {
         Some(layer) => router.layer(layer),
         None => router,
+    };
+    router.layer(axum::middleware::from_fn(refuse_repeated_headers))
+}
+
+/// Headers that must appear at most once: which of two `Last-Event-ID`s
+/// or `Origin`s a server honours differs between servers and proxies, so
+/// herald takes neither (`400`, on both paths: the direct ones hand such a
+/// head to hyper, which answers here).
+pub(crate) const SINGLE_HEADERS: [&str; 2] = ["last-event-id", "origin"];
+
+/// The first of [`SINGLE_HEADERS`] that `names` holds more than once.
+pub(crate) fn repeated<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'static str> {
+    let mut seen = [0u8; SINGLE_HEADERS.len()];
+    for name in names {
+        for (k, single) in SINGLE_HEADERS.iter().enumerate() {
+            if name.eq_ignore_ascii_case(single) {
+                seen[k] += 1;
+                if seen[k] > 1 {
+                    return Some(single);
+                }
+            }
+        }
+    }
+    None
+}
+
+async fn refuse_repeated_headers(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match repeated(req.headers().keys().flat_map(|k| {
+        // One key per name: count its values.
+        std::iter::repeat_n(k.as_str(), req.headers().get_all(k).iter().count())
+    })) {
+        Some(name) => ApiError::bad_request(format!(
+            "the {} header is given more than once: send it once",
+            header_title(name)
+        ))
+        .into_response(),
+        None => next.run(req).await,
+    }
+}
+
+/// `last-event-id` as people write it: `Last-Event-ID`.
+fn header_title(name: &str) -> &'static str {
+    match name {
+        "last-event-id" => "Last-Event-ID",
+        _ => "Origin",
     }
 }
 

@@ -74,9 +74,12 @@ pub(super) fn resume_from(headers: &HeaderMap, query: Option<&str>) -> Resume {
     resume(header, query)
 }
 
-/// Where a subscriber starts: the `Last-Event-ID` header if it sent one,
-/// else the `lastEventId` query parameter (an `EventSource` cannot set
-/// headers on its first connect, nor can a browser WebSocket).
+/// Where a subscriber starts: the `Last-Event-ID` header if it sent a
+/// non-empty one, else the first `lastEventId` query parameter (an
+/// `EventSource` cannot set headers on its first connect, nor can a
+/// browser WebSocket). An empty header is no header: some proxies and
+/// clients send `Last-Event-ID:` with nothing after it. A repeated header
+/// never gets here (400, see `http::SINGLE_HEADERS`).
 pub(super) fn resume(header: Option<String>, query: Option<&str>) -> Resume {
     let param = || {
         query_pairs(query)
@@ -84,6 +87,7 @@ pub(super) fn resume(header: Option<String>, query: Option<&str>) -> Resume {
             .find(|(k, _)| k == "lastEventId")
             .map(|(_, v)| v)
     };
+    let header = header.filter(|h| !h.trim().is_empty());
     Resume::parse(header.or_else(param).as_deref())
 }
 

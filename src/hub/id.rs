@@ -108,6 +108,14 @@ impl IdGen {
         EventId(self.boot)
     }
 
+    /// True if no node could have issued `id` yet: more than `skew` ahead
+    /// of this clock (ids are clock readings; nodes' clocks differ by a
+    /// little, never by minutes).
+    pub fn from_the_future(&self, id: EventId, skew: std::time::Duration) -> bool {
+        let skew = u64::try_from(skew.as_micros()).unwrap_or(u64::MAX);
+        id.0 > unix_micros().max(self.last().0).saturating_add(skew)
+    }
+
     /// The last id issued (or `boot - 1` before the first).
     pub fn last(&self) -> EventId {
         // SeqCst: the sequencer's horizon reasons on one total order of

@@ -96,6 +96,10 @@ pub struct Config {
     pub origin: Option<Origin>,
 }
 
+/// How far another node's clock may be ahead of this one's: a position
+/// entry further ahead than that cannot have been issued yet.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
 /// What to publish.
 #[derive(Debug, Clone)]
 pub struct Publish {
@@ -825,6 +829,8 @@ impl Hub {
         from: &Resume,
     ) -> Result<Subscription> {
         self.admit(channel)?;
+        let vetted = self.vet(from);
+        let from: &Resume = &vetted;
         let now = Instant::now();
         let (key, ch, _) = self.with_channel(channel, |ch, st| {
             if st.clients.contains_key(client) {
@@ -857,6 +863,32 @@ impl Hub {
             channel: ch,
             key,
         })
+    }
+
+    /// A cluster position no node can have reached yet is unknown: it
+    /// gets a reset and everything kept, as a future id does on a single
+    /// node, instead of hiding every live event behind it (a position is
+    /// also what live delivery skips). An entry is from the future if it is
+    /// above this node's own last id for its own origin, or more than
+    /// [`MAX_CLOCK_SKEW`] ahead of this node's clock for another.
+    fn vet<'a>(&self, from: &'a Resume) -> std::borrow::Cow<'a, Resume> {
+        use std::borrow::Cow;
+        let (Resume::Position(p), Some(me)) = (from, &self.config.origin) else {
+            return Cow::Borrowed(from);
+        };
+        let ids = self.seq.ids();
+        let future = p.iter().any(|(o, id)| {
+            if o == me {
+                id > ids.last()
+            } else {
+                ids.from_the_future(id, MAX_CLOCK_SKEW)
+            }
+        });
+        if future {
+            Cow::Owned(Resume::Unknown(p.to_string()))
+        } else {
+            Cow::Borrowed(from)
+        }
     }
 
     /// The cursor over what a subscriber starting at `from` must be sent

@@ -383,6 +383,35 @@ mod cluster {
         assert_eq!(a.position(), before);
     }
 
+    /// A position no node can have reached is unknown: a reset and
+    /// everything kept, and live events are delivered (not skipped as
+    /// "already seen").
+    #[test]
+    fn a_position_from_the_future_gets_a_reset_and_live_events() {
+        let a = node("a");
+        let c = ch("c");
+        a.publish(&c, text("kept"));
+        let future = Resume::parse(Some("a=9999999999999999,b=9999999999999999"));
+        let (o, _s) = sub(&a, "c", &future);
+        a.publish(&c, text("live"));
+        let got: Vec<String> = drain(&o).iter().map(data).collect();
+        assert_eq!(got, ["RESET", "kept", "live"]);
+        // Another origin's entry far ahead of the clock is the same.
+        let ahead = format!("a={}", a.position().get("a"));
+        let ahead = format!("{ahead},b=9999999999999999");
+        let (o, _s) = sub(&a, "c", &Resume::parse(Some(&ahead)));
+        a.publish(&c, text("live2"));
+        let got: Vec<String> = drain(&o).iter().map(data).collect();
+        assert_eq!(got, ["RESET", "kept", "live", "live2"]);
+        // A position a little ahead (a client from a node that is ahead) is
+        // honoured: nothing replayed, and what it had is not sent again.
+        let near = a.position().to_string();
+        let (o, _s) = sub(&a, "c", &Resume::parse(Some(&near)));
+        a.publish(&c, text("live3"));
+        let got: Vec<String> = drain(&o).iter().map(data).collect();
+        assert_eq!(got, ["live3"]);
+    }
+
     /// Copies node `from`'s own events to `to`, as a peer stream does.
     fn replicate(from: &Hub, to: &Hub) {
         for ev in from.own_events_after(EventId::from_u64(0)) {

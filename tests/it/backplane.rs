@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 
 use crate::cluster::{
     Cluster, Via, assert_next_is_marker, every_event_everywhere_once, killed_node_catches_up,
-    late_node_backfills, targeted_and_all_cross_nodes,
+    late_node_backfills, multi_channel_resume_is_exact, targeted_and_all_cross_nodes,
 };
 use crate::support::{WAIT, eventually, free_port, get_json, http, signal, tempdir};
 
@@ -237,6 +237,18 @@ async fn nats_two_nodes_deliver_every_event_everywhere_once_and_resume_across_no
 async fn nats_three_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes() {
     let s = Server::start(Kind::Nats).await;
     every_event_everywhere_once(3, 8, s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_three_nodes_resume_a_multi_channel_stream_exactly_after_a_cut_anywhere() {
+    let s = Server::start(Kind::Redis).await;
+    multi_channel_resume_is_exact(s.via()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_three_nodes_resume_a_multi_channel_stream_exactly_after_a_cut_anywhere() {
+    let s = Server::start(Kind::Nats).await;
+    multi_channel_resume_is_exact(s.via()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,7 +232,13 @@ impl Cluster {
     }
 
     pub(crate) async fn sse(&self, i: usize, channel: &str, last_event_id: Option<&str>) -> Sse {
-        let mut req = http().get(self.nodes[i].url(&format!("/channel/{channel}")));
+        self.sse_at(i, &format!("/channel/{channel}"), last_event_id)
+            .await
+    }
+
+    /// An SSE subscriber of node `i` at `path` (several channels).
+    pub(crate) async fn sse_at(&self, i: usize, path: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = http().get(self.nodes[i].url(path));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -356,6 +362,67 @@ async fn five_nodes_deliver_every_event_everywhere_once_and_resume_across_nodes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_resume_a_multi_channel_stream_exactly_after_a_cut_anywhere() {
+    multi_channel_resume_is_exact(Via::Mesh).await;
+}
+
+/// Events of two channels published on every node in turn: each node's
+/// multi-channel stream is in that node's apply order, a client cut after
+/// any event resumes from its id on the same node with exactly the rest in
+/// the same order, and on another node with exactly the rest.
+pub(crate) async fn multi_channel_resume_is_exact(via: Via) {
+    const PATH: &str = "/events?stream=a&stream=b";
+    let c = Cluster::start_via(3, via).await;
+    let mut live = vec![];
+    for i in 0..3 {
+        live.push(c.sse_at(i, PATH, None).await);
+    }
+    let n = 12;
+    for k in 0..n {
+        let channel = ["a", "b"][k % 2];
+        c.publish(k % 3, channel, &format!("{channel}{}", k / 2))
+            .await;
+    }
+    let mut resumed = vec![];
+    for (i, sub) in live.iter_mut().enumerate() {
+        let got = read(sub, n).await;
+        for cut in 0..n {
+            let (_, id) = &got[cut];
+            let mut same = c.sse_at(i, PATH, Some(id)).await;
+            let rest = read(&mut same, n - cut - 1).await;
+            assert_eq!(rest, got[cut + 1..], "node {i}, resumed after event {cut}");
+            let other = (i + 1 + cut % 2) % 3;
+            let mut moved = c.sse_at(other, PATH, Some(id)).await;
+            let mut rest: Vec<String> = read(&mut moved, n - cut - 1)
+                .await
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect();
+            rest.sort();
+            let mut want: Vec<String> = got[cut + 1..].iter().map(|(d, _)| d.clone()).collect();
+            want.sort();
+            assert_eq!(rest, want, "node {i} -> node {other}, after event {cut}");
+            resumed.push(same);
+            resumed.push(moved);
+        }
+    }
+    // Nothing else was pending on any of them.
+    c.publish(1, "b", "marker").await;
+    for s in resumed.iter_mut().chain(live.iter_mut()) {
+        assert_eq!(s.next().await.data, "marker");
+    }
+    // A position from the future: a reset per channel and everything kept,
+    // then live events (not hidden behind it).
+    let future = "n0=9999999999999999,n1=9999999999999999,n2=9999999999999999";
+    let mut s = c.sse_at(2, PATH, Some(future)).await;
+    for _ in 0..2 {
+        assert_eq!(s.next().await.event, "herald.reset");
+    }
+    assert_eq!(read(&mut s, n + 1).await.len(), n + 1);
+    assert_next_is_marker(&c, 0, &mut s, "a", "after-future").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_catches_up_and_a_stopped_node_delays_no_one() {
     killed_node_catches_up(Via::Mesh).await;
 }
@@ -399,6 +466,143 @@ pub(crate) async fn killed_node_catches_up(via: Via) {
         got,
         ["while-stopped-0", "while-stopped-1", "while-stopped-2"]
     );
+}
+
+/// A node restarted after SIGKILL backfills from its peers, never from its
+/// own listener (a static list names it, and sorts it first here), and
+/// takes every peer's snapshot, so it comes back with its own events and
+/// retained value even when the first peer it asks lacks some of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_backfills_its_own_events_from_every_peer_never_from_itself() {
+    let mut c = Cluster::start(3).await;
+    // Roles by the order a node walks its peer list in (address order):
+    // the restarted node first, then a peer that will lack its newest
+    // events, then one that has everything.
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|&i| format!("127.0.0.1:{}", c.nodes[i].internal));
+    let [r, lacking, full] = [order[0], order[1], order[2]];
+    let mut on_full = c.sse(full, "own", None).await;
+    let mut on_lacking = c.sse(lacking, "own", None).await;
+    let resp = http()
+        .post(c.nodes[r].url("/channel/app.version?retain=true&event=version"))
+        .body("v1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    for k in 0..3 {
+        c.publish(r, "own", &format!("e{k}")).await;
+    }
+    let seen = read(&mut on_full, 3).await;
+    read(&mut on_lacking, 3).await;
+    c.signal(lacking, "-STOP");
+    for k in 3..5 {
+        c.publish(r, "own", &format!("e{k}")).await;
+    }
+    read(&mut on_full, 2).await;
+    c.kill(r).await;
+    c.signal(lacking, "-CONT");
+    c.spawn(r);
+    c.ready(r).await;
+    let mut fresh = c.sse(r, "app.version", None).await;
+    let ev = fresh.next().await;
+    assert_eq!((ev.event.as_str(), ev.data.as_str()), ("version", "v1"));
+    let mut resumed = c.sse(r, "own", Some(&seen[0].1)).await;
+    let got: Vec<String> = read(&mut resumed, 4)
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(got, ["e1", "e2", "e3", "e4"]);
+    assert_next_is_marker(&c, r, &mut resumed, "own", "after-restart").await;
+    // Its new ids are above the old ones: the others take them.
+    assert_eq!(on_full.next().await.data, "after-restart");
+}
+
+/// A node whose peers do not answer stays unready (and says so at warn
+/// level) however long that lasts, and turns ready once one answers; a
+/// node whose list names only itself knows it is alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_unready_until_a_peer_answers_or_it_knows_it_is_alone() {
+    use tokio::io::AsyncBufReadExt;
+    let mut c = Cluster::new(2, Via::Mesh);
+    let n = &c.nodes[0];
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", n.public),
+            "--internal-listen",
+            &format!("127.0.0.1:{}", n.internal),
+            "--node-name",
+            &n.name,
+            "--cluster",
+            "static",
+            "--peers",
+            &c.peers,
+            "--peer-timeout",
+            "200ms",
+        ])
+        .env_remove("HERALD_LISTEN")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // herald logs to stdout.
+    let mut log = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // Several failed rounds, each longer than the peer timeout: still 503.
+    let mut warned = 0;
+    while warned < 3 {
+        let line = tokio::time::timeout(WAIT, log.next_line())
+            .await
+            .expect("a warning about the missing snapshot")
+            .unwrap()
+            .expect("the node exited");
+        if line.contains(" WARN ") && line.contains("no peer answered with a snapshot") {
+            warned += 1;
+        }
+    }
+    // Keep reading, so that the node never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let readyz = http().get(n.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    c.nodes[0].child = Some(child);
+    c.spawn(1);
+    c.ready(1).await;
+    c.ready(0).await;
+
+    // Alone: a list of only itself.
+    let port = free_port();
+    let internal = format!("127.0.0.1:{}", free_port());
+    let _alone = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--internal-listen",
+            &internal,
+            "--node-name",
+            "alone",
+            "--cluster",
+            "static",
+            "--peers",
+            &internal,
+        ])
+        .quiet();
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    eventually(|| {
+        let url = url.clone();
+        async move {
+            http()
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

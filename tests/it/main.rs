@@ -12,6 +12,7 @@ mod fake_kube;
 mod k8s;
 mod lifecycle;
 mod publish;
+mod resume;
 mod sse;
 mod support;
 mod ws;
