@@ -145,11 +145,9 @@ pub(super) async fn serve(
         guard: _guard,
         ..
     } = session;
+    let mut ticks = state.ticker();
     let AppState {
-        shutdown,
-        mut ticks,
-        config,
-        ..
+        shutdown, config, ..
     } = state;
     let write_timeout = config.write_timeout;
     drop(config);

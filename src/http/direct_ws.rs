@@ -137,7 +137,7 @@ pub(super) async fn serve(
     {
         return;
     }
-    let mut ticks = state.ticks.clone();
+    let mut ticks = state.ticker();
     let mut decoder = Decoder::default();
     let mut heard_since_ping = true;
     let end = loop {

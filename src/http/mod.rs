@@ -90,6 +90,18 @@ impl State {
         }
     }
 
+    /// A connection's view of the shared heartbeat: its first tick is the
+    /// next one, not one that happened before it connected. (A clone of a
+    /// `watch` receiver inherits what the original had seen, and the
+    /// original in `State` has seen nothing: a WebSocket then pinged at
+    /// once on connect and closed a client that had not answered by the
+    /// next real tick, however soon that came.)
+    pub(crate) fn ticker(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut ticks = self.ticks.clone();
+        ticks.mark_unchanged();
+        ticks
+    }
+
     /// Refuses new subscriptions while draining.
     fn check_not_draining(&self) -> Result<(), ApiError> {
         if self.shutdown.is_cancelled() {

@@ -71,7 +71,7 @@ async fn run(
     mut versions: tokio::sync::watch::Receiver<crate::k8s::Versions>,
 ) {
     let _guard = state.hub.connection();
-    let mut ticks = state.ticks.clone();
+    let mut ticks = state.ticker();
     let mut sent: BTreeMap<String, Arc<str>> = BTreeMap::new();
     let mut heard_since_ping = true;
     let timeout = state.config.write_timeout;

@@ -153,7 +153,7 @@ impl Conn {
             return;
         }
         // Pings ride the shared ticker: no timer per connection.
-        let mut ticks = self.state.ticks.clone();
+        let mut ticks = self.state.ticker();
         let mut heard_since_ping = true;
         let end = loop {
             tokio::select! {

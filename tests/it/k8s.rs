@@ -1117,3 +1117,36 @@ async fn replicas_that_all_watch_announce_each_rollout_once() {
         assert_eq!(sub.next().await.data, marker);
     }
 }
+
+/// The spa-reloader listener's pings leave a client a whole heartbeat to
+/// answer too: after ticks have happened, a new client that never answers
+/// is closed (1001) only after more than one heartbeat, not pinged at once
+/// on connect and closed at the next tick.
+#[tokio::test]
+async fn the_spa_reloader_listener_gives_a_new_client_a_whole_heartbeat() {
+    use crate::support::RawWs;
+    let beat = std::time::Duration::from_millis(300);
+    let env = Env::start_with(all(), |c| {
+        c.spa_compat_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.heartbeat = beat;
+    })
+    .await;
+    let compat = env.hub.compat.unwrap();
+    // A first client sees a ping: the ticker has ticked.
+    let mut first = RawWs::connect(compat, false, "/").await;
+    while first.frame().await.expect("open").opcode != 9 {}
+    let mut silent = RawWs::connect(compat, false, "/").await;
+    let connected = std::time::Instant::now();
+    loop {
+        let f = silent.frame().await.expect("a close frame");
+        if f.opcode == 8 {
+            assert_eq!(f.close_code(), Some(1001));
+            break;
+        }
+    }
+    assert!(
+        connected.elapsed() > beat,
+        "closed after {:?}",
+        connected.elapsed()
+    );
+}

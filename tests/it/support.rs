@@ -399,3 +399,174 @@ pub async fn stalled_subscriber(addr: SocketAddr, path: &str) -> TcpStream {
     read_until(&mut s, "retry: 2000\n\n").await;
     s
 }
+
+/// A WebSocket client on a raw socket, frame by frame: it answers pings
+/// only when told to, and sends whatever frames a test builds.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawWs {
+    /// Upgrades `GET path` on `addr`; after a kept-alive `/healthz` first
+    /// if `hyper` (so hyper serves it), else as the first request (the
+    /// direct path). `extra` headers replace the default upgrade headers
+    /// when they start with "!" (the rest is sent as is).
+    pub async fn connect(addr: SocketAddr, hyper: bool, path: &str) -> Self {
+        Self::try_connect(addr, hyper, path, "")
+            .await
+            .unwrap_or_else(|head| panic!("no 101: {head}"))
+    }
+
+    /// As [`RawWs::connect`] with more headers; `Err(response head)` if the
+    /// answer is not 101.
+    pub async fn try_connect(
+        addr: SocketAddr,
+        hyper: bool,
+        path: &str,
+        extra: &str,
+    ) -> Result<Self, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        if hyper {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            read_until(&mut stream, "\"ok\"}").await;
+        }
+        let headers = match extra.strip_prefix('!') {
+            Some(own) => own.to_owned(),
+            None => format!(
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}"
+            ),
+        };
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut ws = Self {
+            stream,
+            buf: vec![],
+        };
+        let head = ws.head().await;
+        if head.starts_with("HTTP/1.1 101") {
+            Ok(ws)
+        } else {
+            Err(head)
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Ok(_) => false,
+            Err(_) => panic!("timed out waiting for the server"),
+        }
+    }
+
+    /// The response head (and, if not 101, what followed).
+    async fn head(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end + 4]).into_owned();
+                if head.starts_with("HTTP/1.1 101") {
+                    self.buf.drain(..end + 4);
+                    return head;
+                }
+                // An error: read its body too (it is small).
+                while self.fill().await {}
+                return String::from_utf8_lossy(&self.buf).into_owned();
+            }
+            if !self.fill().await {
+                return String::from_utf8_lossy(&self.buf).into_owned();
+            }
+        }
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next frame that is not a ping (pings are not answered).
+    pub async fn frame_not_ping(&mut self) -> Option<Frame> {
+        loop {
+            let f = self.frame().await?;
+            if f.opcode != 9 {
+                return Some(f);
+            }
+        }
+    }
+
+    /// Sends one masked frame: `first` is FIN/RSV/opcode.
+    pub async fn send(&mut self, first: u8, payload: &[u8]) {
+        self.send_raw(&herald::http::fuzz::masked_frame(
+            first,
+            payload,
+            [1, 2, 3, 4],
+        ))
+        .await;
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        // A server that closed first may reset: that is its answer.
+        let _ = self.stream.write_all(bytes).await;
+    }
+}
+
+/// One unmasked server frame at the start of `b`, and its length.
+fn parse_server_frame(b: &[u8]) -> Option<(Frame, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    assert_eq!(b[1] & 0x80, 0, "server frames are unmasked");
+    let (len, at) = match b[1] & 0x7f {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = b.get(at..at + len)?.to_vec();
+    Some((
+        Frame {
+            fin: b[0] & 0x80 != 0,
+            opcode: b[0] & 0x0f,
+            payload,
+        },
+        at + len,
+    ))
+}

@@ -200,3 +200,47 @@ async fn an_upgrade_after_another_request_on_a_kept_alive_connection_uses_the_sa
     ws.socket.send(Message::binary(vec![1])).await.unwrap();
     assert_eq!(ws.close_code().await, 1003);
 }
+
+/// Pings leave a client one whole heartbeat to answer, on the direct and
+/// the hyper path: the first ping comes with the first tick after the
+/// connection (not at once), a client that answers every ping 1.5 s late
+/// (heartbeat 2 s) is never closed, and one that never answers is closed
+/// only after more than a heartbeat. Paused time: ticks and delays are
+/// exact.
+#[tokio::test(start_paused = true)]
+async fn pings_leave_a_whole_heartbeat_to_answer_on_every_path() {
+    use crate::support::RawWs;
+    use tokio::time::{Instant, sleep};
+    let beat = Duration::from_secs(2);
+    let mut c = config();
+    c.heartbeat = beat;
+    let hub = TestHub::with(c).await;
+    // Each path after ticks happened (the first round connects before any).
+    for hyper in [false, true, false] {
+        // Connect just before a tick: a ping sent on connect would be
+        // followed by the tick 0.1 s later.
+        sleep(beat - Duration::from_millis(100)).await;
+        let mut slow = RawWs::connect(hub.addr, hyper, "/ws?channel=p").await;
+        let mut silent = RawWs::connect(hub.addr, hyper, "/ws?channel=p").await;
+        let connected = Instant::now();
+        assert_eq!(slow.frame().await.unwrap().opcode, 1, "subscribed");
+        assert_eq!(silent.frame().await.unwrap().opcode, 1, "subscribed");
+        let mut pings = 0;
+        while pings < 6 {
+            let f = slow.frame().await.expect("still open");
+            assert_eq!(f.opcode, 9, "hyper={hyper}: {f:?}");
+            pings += 1;
+            sleep(Duration::from_millis(1500)).await;
+            slow.send(0x8a, &f.payload).await;
+        }
+        let ping = silent.frame().await.unwrap();
+        assert_eq!(ping.opcode, 9);
+        let close = silent.frame().await.unwrap();
+        assert_eq!(close.close_code(), Some(1001), "hyper={hyper}: {close:?}");
+        assert!(
+            connected.elapsed() > beat,
+            "hyper={hyper}: closed {:?} after connecting",
+            connected.elapsed()
+        );
+    }
+}
