@@ -55,28 +55,18 @@ fn parse_upgrade(
     if super::repeated(headers.iter().map(|h| h.name)).is_some() {
         return None; // hyper answers 400
     }
-    let (mut upgrade, mut connection, mut version, mut key, mut last_event_id) =
-        (false, false, false, None, None);
-    for h in headers {
-        let value = std::str::from_utf8(h.value).ok()?.trim();
-        match h.name.to_ascii_lowercase().as_str() {
-            "upgrade" => upgrade = value.eq_ignore_ascii_case("websocket"),
-            "connection" => {
-                connection = value
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            }
-            "sec-websocket-version" => version = value == "13",
-            "sec-websocket-key" => key = Some(value.to_owned()),
-            "last-event-id" => last_event_id = Some(value.to_owned()),
-            "content-length" | "transfer-encoding" => return None,
-            _ => {}
-        }
-    }
-    if !(upgrade && connection && version) {
+    let key = handshake(headers.iter().map(|h| (h.name, h.value))).ok()?;
+    let last_event_id = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(|v| v.trim().to_owned());
+    if headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("content-length")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+    }) {
         return None;
     }
-    let key = key.filter(|k| k.len() == 24)?;
     if path != "/ws" {
         return None;
     }
@@ -107,6 +97,14 @@ pub(super) fn register(state: &AppState, up: &Upgrade) -> Option<Registered> {
     ws::register(state, &up.channels, &up.resume).ok()
 }
 
+/// The 101 that accepts a client's `key`.
+fn accept_head(key: &str) -> String {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    )
+}
+
 /// Serves the WebSocket until either side closes, the subscriber falls too
 /// far behind, it stops answering pings, or the hub shuts down.
 pub(super) async fn serve(
@@ -121,11 +119,7 @@ pub(super) async fn serve(
         outbox,
         mut subs,
     } = session;
-    let accept = tungstenite::handshake::derive_accept_key(up.key.as_bytes());
-    let mut first = BytesMut::from(
-        format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n")
-            .as_bytes(),
-    );
+    let mut first = BytesMut::from(accept_head(&up.key).as_bytes());
     for c in &up.channels {
         first.extend_from_slice(&ws_text_frame(subscribed_json(c).to_string().as_bytes()));
     }
@@ -138,7 +132,7 @@ pub(super) async fn serve(
         return;
     }
     let mut ticks = state.ticker();
-    let mut decoder = Decoder::default();
+    let mut decoder = Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES);
     let mut heard_since_ping = true;
     let end = loop {
         let out = tokio::select! {
@@ -167,26 +161,17 @@ pub(super) async fn serve(
                     Read::Frames(frames) => {
                         heard_since_ping = true;
                         let mut out = BytesMut::new();
-                        let mut end = None;
-                        for f in frames {
-                            match f {
-                                Ok(Frame::Text(text)) => {
-                                    for reply in handle(&state, &client, &outbox, &mut subs, &text) {
-                                        out.extend_from_slice(&ws_text_frame(reply.to_string().as_bytes()));
-                                    }
+                        let end = answer(frames, &mut out, |message, out| match message {
+                            Message::Text(text) => {
+                                for reply in handle(&state, &client, &outbox, &mut subs, &text) {
+                                    out.extend_from_slice(&ws_text_frame(reply.to_string().as_bytes()));
                                 }
-                                Ok(Frame::Ping(payload)) => out.extend_from_slice(&ws_server_frame(opcode::PONG, &payload)),
-                                Ok(Frame::Pong) => {}
-                                Ok(Frame::Close) => {
-                                    end = Some((1000, ""));
-                                    break;
-                                }
-                                Err(fail) => {
-                                    end = Some(fail);
-                                    break;
-                                }
+                                None
                             }
-                        }
+                            Message::Binary(_) => {
+                                Some((code::UNSUPPORTED, "binary frames are not supported"))
+                            }
+                        });
                         if !out.is_empty() && write(&mut stream, out.freeze(), write_timeout).await.is_err() {
                             break None;
                         }
@@ -203,19 +188,60 @@ pub(super) async fn serve(
         }
     };
     if let Some((code, reason)) = end {
-        let mut payload = code.to_be_bytes().to_vec();
-        payload.extend_from_slice(reason.as_bytes());
-        if write(
-            &mut stream,
-            ws_server_frame(opcode::CLOSE, &payload),
-            write_timeout,
-        )
-        .await
-        .is_ok()
-        {
-            // Boxed: its buffer would otherwise enlarge every idle socket's task.
-            Box::pin(linger(&mut stream)).await;
+        close(&mut stream, code, reason, write_timeout).await;
+    }
+}
+
+/// Why a connection ends: the close code and reason to send.
+type Fail = (u16, &'static str);
+
+/// Answers decoded frames: pongs for pings (into `out`), messages to
+/// `on_message` (which writes its replies into `out` and may end the
+/// connection). Returns the close to send once the connection ends: the
+/// client's own close echoed (its code), or the protocol failure found.
+/// Shared by `/ws` and the conformance echo server.
+fn answer(
+    frames: Vec<Result<Frame, Fail>>,
+    out: &mut BytesMut,
+    mut on_message: impl FnMut(Message, &mut BytesMut) -> Option<Fail>,
+) -> Option<Fail> {
+    for f in frames {
+        match f {
+            Ok(Frame::Message(m)) => {
+                if let Some(end) = on_message(m, out) {
+                    return Some(end);
+                }
+            }
+            Ok(Frame::Ping(payload)) => {
+                out.extend_from_slice(&ws_server_frame(opcode::PONG, &payload))
+            }
+            Ok(Frame::Pong) => {}
+            Ok(Frame::Close(code)) => return Some((code, "")),
+            Err(fail) => return Some(fail),
         }
+    }
+    None
+}
+
+/// Sends a close frame, then lingers for the client's.
+async fn close(
+    stream: &mut TcpStream,
+    code: u16,
+    reason: &str,
+    write_timeout: std::time::Duration,
+) {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    if write(
+        stream,
+        ws_server_frame(opcode::CLOSE, &payload),
+        write_timeout,
+    )
+    .await
+    .is_ok()
+    {
+        // Boxed: its buffer would otherwise enlarge every idle socket's task.
+        Box::pin(linger(stream)).await;
     }
 }
 
@@ -259,22 +285,23 @@ fn encode(
 enum Read {
     Closed,
     Nothing,
-    Frames(Vec<Result<Frame, (u16, &'static str)>>),
+    Frames(Vec<Result<Frame, Fail>>),
 }
 
 /// Reads what the socket has without waiting and decodes whole frames.
 fn read(stream: &TcpStream, decoder: &mut Decoder) -> Read {
     let mut scratch = [0u8; 512];
     let mut got = 0;
+    // Bounded work per wake-up: a client that never stops sending must not
+    // hold the task (and the thread).
+    let budget = decoder.limit.clamp(MAX_WS_CLIENT_MESSAGE_BYTES, 1 << 20);
     loop {
         match stream.try_read(&mut scratch) {
             Ok(0) => return Read::Closed,
             Ok(n) => {
                 got += n;
                 decoder.buf.extend_from_slice(&scratch[..n]);
-                // Bounded work per wake-up: a client that never stops
-                // sending must not hold the task (and the thread).
-                if got >= MAX_WS_CLIENT_MESSAGE_BYTES {
+                if got >= budget {
                     break;
                 }
             }
@@ -300,26 +327,58 @@ fn read(stream: &TcpStream, decoder: &mut Decoder) -> Read {
     Read::Frames(frames)
 }
 
+/// A whole data message from the client.
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
 /// A whole message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
 enum Frame {
-    Text(String),
+    Message(Message),
     Ping(Vec<u8>),
     Pong,
-    Close,
+    /// The client closes with this code (1000 if it gave none): echoed.
+    Close(u16),
 }
 
-/// Decodes client frames: masked, possibly fragmented; limits enforced.
-/// Idle, it holds two empty buffers.
-#[derive(Debug, Default)]
+/// True for a close code a peer may send (RFC 6455 section 7.4 and the
+/// IANA registry): 1000-1003, 1007-1014, and the 3000-4999 ranges for
+/// libraries and applications. 1004-1006 and 1015 must never be on the
+/// wire, and the rest of 1000-2999 is unassigned.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Decodes client frames: masked, possibly fragmented; limits enforced;
+/// text checked for UTF-8 as each fragment arrives. Idle, it holds two
+/// empty buffers.
+#[derive(Debug)]
 struct Decoder {
     buf: Vec<u8>,
     message: Vec<u8>,
-    in_message: bool,
+    /// The opcode of the message being reassembled (text or binary).
+    in_message: Option<u8>,
+    /// How much of a text `message` is known to be valid UTF-8.
+    valid: usize,
+    /// The largest message accepted.
+    limit: usize,
 }
 
 impl Decoder {
-    fn next(&mut self) -> Result<Option<Frame>, (u16, &'static str)> {
+    fn new(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            message: Vec::new(),
+            in_message: None,
+            valid: 0,
+            limit,
+        }
+    }
+
+    fn next(&mut self) -> Result<Option<Frame>, Fail> {
         loop {
             let b = &self.buf;
             if b.len() < 2 {
@@ -342,11 +401,20 @@ impl Decoder {
                     "frames must be masked and use no extensions",
                 ));
             }
+            if len >> 63 != 0 {
+                return Err((
+                    code::PROTOCOL,
+                    "a 64-bit length must have its top bit clear",
+                ));
+            }
             let control = op >= 0x8;
             if control && (!fin || len > 125) {
                 return Err((code::PROTOCOL, "invalid control frame"));
             }
-            if len > MAX_WS_CLIENT_MESSAGE_BYTES as u64 {
+            if !matches!(op, 0x0..=0x2 | 0x8..=0xA) {
+                return Err((code::PROTOCOL, "unknown opcode"));
+            }
+            if len > self.limit as u64 {
                 return Err((code::SIZE, "message too big"));
             }
             let len = len as usize;
@@ -362,29 +430,53 @@ impl Decoder {
                 .collect();
             self.buf.drain(..at + len);
             match op {
-                0x8 => return Ok(Some(Frame::Close)),
+                0x8 => return close_frame(&payload).map(Some),
                 0x9 => return Ok(Some(Frame::Ping(payload))),
                 0xA => return Ok(Some(Frame::Pong)),
-                0x2 => return Err((code::UNSUPPORTED, "binary frames are not supported")),
-                0x1 | 0x0 => {
-                    if (op == 0x1) == self.in_message {
-                        return Err((code::PROTOCOL, "unexpected continuation"));
-                    }
-                    self.in_message = true;
-                    if self.message.len() + payload.len() > MAX_WS_CLIENT_MESSAGE_BYTES {
+                _ => {
+                    let kind = match (op, self.in_message) {
+                        (0x0, Some(kind)) => kind,
+                        (0x1 | 0x2, None) => op,
+                        _ => return Err((code::PROTOCOL, "unexpected continuation")),
+                    };
+                    self.in_message = Some(kind);
+                    if self.message.len() + payload.len() > self.limit {
                         return Err((code::SIZE, "message too big"));
                     }
                     self.message.extend_from_slice(&payload);
+                    if kind == 0x1 {
+                        self.check_utf8(fin)?;
+                    }
                     if fin {
-                        self.in_message = false;
+                        self.in_message = None;
+                        self.valid = 0;
                         let message = std::mem::take(&mut self.message);
-                        return String::from_utf8(message)
-                            .map(|t| Some(Frame::Text(t)))
-                            .map_err(|_| (code::INVALID, "text is not UTF-8"));
+                        return Ok(Some(Frame::Message(if kind == 0x1 {
+                            // Checked above: every byte is valid.
+                            Message::Text(String::from_utf8(message).map_err(|_| not_utf8())?)
+                        } else {
+                            Message::Binary(message)
+                        })));
                     }
                 }
-                _ => return Err((code::PROTOCOL, "unknown opcode")),
             }
+        }
+    }
+
+    /// Fails as soon as the text so far cannot be UTF-8 (a sequence cut
+    /// at the end of a fragment may still be completed by the next one,
+    /// unless this is the last).
+    fn check_utf8(&mut self, fin: bool) -> Result<(), Fail> {
+        match std::str::from_utf8(&self.message[self.valid..]) {
+            Ok(_) => {
+                self.valid = self.message.len();
+                Ok(())
+            }
+            Err(e) if e.error_len().is_none() && !fin => {
+                self.valid += e.valid_up_to();
+                Ok(())
+            }
+            Err(_) => Err(not_utf8()),
         }
     }
 
@@ -399,10 +491,168 @@ impl Decoder {
     }
 }
 
+fn not_utf8() -> Fail {
+    (code::INVALID, "text is not UTF-8")
+}
+
+/// A client's close frame: no payload, or a 2-byte code a peer may send
+/// and a UTF-8 reason.
+fn close_frame(payload: &[u8]) -> Result<Frame, Fail> {
+    match payload {
+        [] => Ok(Frame::Close(1000)),
+        [_] => Err((
+            code::PROTOCOL,
+            "a close payload is a 2-byte code and a reason",
+        )),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_allowed(code) {
+                return Err((code::PROTOCOL, "this close code may not be sent"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err((code::INVALID, "the close reason is not UTF-8"));
+            }
+            Ok(Frame::Close(code))
+        }
+    }
+}
+
+/// Why an upgrade request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Not a WebSocket upgrade at all.
+    NotUpgrade,
+    /// `Sec-WebSocket-Version` is not 13: 426 with the version herald speaks.
+    Version,
+    /// `Sec-WebSocket-Key` is not 16 bytes in base64.
+    Key,
+}
+
+impl Refusal {
+    /// The status and message to answer with.
+    pub(super) fn answer(self) -> (u16, &'static str) {
+        match self {
+            Self::NotUpgrade => (400, "a WebSocket upgrade is required"),
+            Self::Version => (
+                426,
+                "herald speaks WebSocket version 13 (Sec-WebSocket-Version: 13)",
+            ),
+            Self::Key => (400, "Sec-WebSocket-Key must be 16 bytes in base64"),
+        }
+    }
+}
+
+/// Checks the handshake headers of an upgrade (RFC 6455 section 4.2.1);
+/// the client's key. Shared by the direct path, hyper's and the echo
+/// server.
+pub(super) fn handshake<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<String, Refusal> {
+    use base64::Engine as _;
+    let (mut upgrade, mut connection, mut version, mut key) = (false, false, None, None);
+    for (name, value) in headers {
+        let value = std::str::from_utf8(value)
+            .map_err(|_| Refusal::NotUpgrade)?
+            .trim();
+        match name.to_ascii_lowercase().as_str() {
+            "upgrade" => upgrade |= value.eq_ignore_ascii_case("websocket"),
+            "connection" => {
+                connection |= value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            }
+            "sec-websocket-version" => version = Some(value == "13"),
+            "sec-websocket-key" => key = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    if !(upgrade && connection) {
+        return Err(Refusal::NotUpgrade);
+    }
+    if version != Some(true) {
+        return Err(Refusal::Version);
+    }
+    let key = key.ok_or(Refusal::Key)?;
+    match base64::engine::general_purpose::STANDARD.decode(&key) {
+        Ok(k) if k.len() == 16 => Ok(key),
+        _ => Err(Refusal::Key),
+    }
+}
+
+/// Serves one connection of the conformance echo server
+/// (`examples/ws_echo.rs`): the handshake, decoder, UTF-8 checks, close
+/// handling and writer of `/ws`, echoing every message (text and binary,
+/// up to `max_message` bytes) instead of reading subscribe requests.
+pub(super) async fn echo(mut stream: TcpStream, max_message: usize) {
+    use tokio::io::AsyncReadExt;
+    let timeout = std::time::Duration::from_secs(10);
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(timeout, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 && head.len() + n <= 16 * 1024 => {
+                head.extend_from_slice(&chunk[..n])
+            }
+            _ => return,
+        }
+    }
+    let key = get_request(&head, |_, _, headers| {
+        Some(handshake(headers.iter().map(|h| (h.name, h.value))))
+    })
+    .unwrap_or(Err(Refusal::NotUpgrade));
+    let key = match key {
+        Ok(key) => key,
+        Err(r) => {
+            let (status, msg) = r.answer();
+            let _ = write(
+                &mut stream,
+                Bytes::from(format!("HTTP/1.1 {status} Refused\r\nsec-websocket-version: 13\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{msg}", msg.len())),
+                timeout,
+            )
+            .await;
+            return;
+        }
+    };
+    if write(&mut stream, Bytes::from(accept_head(&key)), timeout)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut decoder = Decoder::new(max_message);
+    let end = loop {
+        if stream.readable().await.is_err() {
+            break None;
+        }
+        let frames = match read(&stream, &mut decoder) {
+            Read::Closed => break None,
+            Read::Nothing => continue,
+            Read::Frames(frames) => frames,
+        };
+        let mut out = BytesMut::new();
+        let end = answer(frames, &mut out, |message, out| {
+            out.extend_from_slice(&match message {
+                Message::Text(t) => ws_text_frame(t.as_bytes()),
+                Message::Binary(b) => ws_server_frame(opcode::BINARY, &b),
+            });
+            None
+        });
+        if !out.is_empty() && write(&mut stream, out.freeze(), timeout).await.is_err() {
+            break None;
+        }
+        if end.is_some() {
+            break end;
+        }
+    };
+    if let Some((code, reason)) = end {
+        close(&mut stream, code, reason, timeout).await;
+    }
+}
+
 /// The WebSocket fuzz target's body (see [`super::fuzz::ws_frames`]).
 pub(super) fn fuzz_decoder(data: &[u8]) {
     // Arbitrary bytes: no panic; what is kept stays bounded.
-    let mut d = Decoder::default();
+    let mut d = Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES);
     let cut = data.first().map_or(0, |c| usize::from(*c)).min(data.len());
     for piece in [&data[..cut], &data[cut..]] {
         d.buf.extend_from_slice(piece);
@@ -436,11 +686,11 @@ pub(super) fn fuzz_decoder(data: &[u8]) {
     }
     let mut d = Decoder {
         buf: wire,
-        ..Decoder::default()
+        ..Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES)
     };
     let mut got = vec![];
     while let Ok(Some(f)) = d.next() {
-        if let Frame::Text(t) = f {
+        if let Frame::Message(Message::Text(t)) = f {
             got.push(t);
         }
     }
@@ -475,8 +725,8 @@ mod tests {
         masked_frame(first, payload, [1, 2, 3, 4])
     }
 
-    fn decode(bytes: &[u8]) -> Vec<Result<Frame, (u16, &'static str)>> {
-        let mut d = Decoder::default();
+    fn decode(bytes: &[u8]) -> Vec<Result<Frame, Fail>> {
+        let mut d = Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES);
         let mut out = vec![];
         for &b in bytes {
             d.buf.push(b); // byte by byte: every split point
@@ -505,11 +755,13 @@ mod tests {
         assert_eq!(
             decode(&bytes),
             vec![
-                Ok(Frame::Text("{\"type\":\"subscribe\"}".into())),
+                Ok(Frame::Message(Message::Text(
+                    "{\"type\":\"subscribe\"}".into()
+                ))),
                 Ok(Frame::Ping(b"p".to_vec())),
                 Ok(Frame::Pong),
-                Ok(Frame::Text("hello".into())),
-                Ok(Frame::Close),
+                Ok(Frame::Message(Message::Text("hello".into()))),
+                Ok(Frame::Close(1000)),
             ]
         );
     }
@@ -517,7 +769,44 @@ mod tests {
     #[test]
     fn refuses_what_the_protocol_or_the_limits_forbid() {
         let close = |b: &[u8]| decode(b).pop().unwrap().unwrap_err().0;
-        assert_eq!(close(&client_frame(0x82, b"bin")), code::UNSUPPORTED);
+        assert_eq!(
+            decode(&client_frame(0x82, b"bin")),
+            [Ok(Frame::Message(Message::Binary(b"bin".to_vec())))],
+            "binary is a message (/ws refuses it with 1003)"
+        );
+        // Close frames: the code is checked, the reason must be UTF-8.
+        assert_eq!(close(&client_frame(0x88, &[3])), code::PROTOCOL);
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(
+                close(&client_frame(0x88, &bad.to_be_bytes())),
+                code::PROTOCOL,
+                "{bad}"
+            );
+        }
+        assert_eq!(close(&client_frame(0x88, &[3, 232, 0xff])), code::INVALID);
+        for good in [1000u16, 1003, 1007, 1014, 3000, 4999] {
+            assert_eq!(
+                decode(&client_frame(0x88, &good.to_be_bytes())),
+                [Ok(Frame::Close(good))]
+            );
+        }
+        // A 64-bit length with its top bit set is malformed, not big.
+        let mut huge = vec![0x81, 0xff];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        assert_eq!(close(&huge), code::PROTOCOL);
+        // Invalid UTF-8 fails on the fragment that holds it; a sequence cut
+        // between fragments is fine.
+        assert_eq!(close(&client_frame(0x01, b"\xff")), code::INVALID);
+        let mut cut = client_frame(0x01, &[0xe2, 0x82]);
+        cut.extend(client_frame(0x80, &[0xac]));
+        assert_eq!(
+            decode(&cut),
+            [Ok(Frame::Message(Message::Text("€".into())))]
+        );
+        let mut unfinished = client_frame(0x01, &[0xe2, 0x82]);
+        unfinished.extend(client_frame(0x80, b""));
+        assert_eq!(close(&unfinished), code::INVALID);
         assert_eq!(
             close(&client_frame(
                 0x81,
@@ -571,13 +860,13 @@ mod fuzz {
         /// nothing it returns breaks the limits.
         #[test]
         fn the_decoder_survives_any_input(input in prop::collection::vec(any::<u8>(), 0..4096), split in 0usize..4096) {
-            let mut d = Decoder::default();
+            let mut d = Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES);
             let split = split.min(input.len());
             for part in [&input[..split], &input[split..]] {
                 d.buf.extend_from_slice(part);
                 loop {
                     match d.next() {
-                        Ok(Some(Frame::Text(t))) => prop_assert!(t.len() <= MAX_WS_CLIENT_MESSAGE_BYTES),
+                        Ok(Some(Frame::Message(Message::Text(t)))) => prop_assert!(t.len() <= MAX_WS_CLIENT_MESSAGE_BYTES),
                         Ok(Some(Frame::Ping(p))) => prop_assert!(p.len() <= 125),
                         Ok(Some(_)) => {}
                         Ok(None) => break,
@@ -609,10 +898,10 @@ mod fuzz {
                     wire.extend(masked_frame(0x80, &m.as_bytes()[cut..], mask));
                 }
             }
-            let mut d = Decoder { buf: wire, ..Decoder::default() };
+            let mut d = Decoder { buf: wire, ..Decoder::new(MAX_WS_CLIENT_MESSAGE_BYTES) };
             let mut got = vec![];
             while let Some(f) = d.next().unwrap() {
-                if let Frame::Text(t) = f {
+                if let Frame::Message(Message::Text(t)) = f {
                     got.push(t);
                 }
             }

@@ -169,6 +169,25 @@ pub mod fuzz {
     }
 }
 
+/// herald's WebSocket as a conformance echo server (`examples/ws_echo.rs`,
+/// which Autobahn's cases run against): the handshake, frame decoder,
+/// UTF-8 checks, close handling and writer of `/ws`, not a copy of them.
+#[doc(hidden)]
+pub mod conformance {
+    /// Serves every connection of `listener` as a WebSocket that echoes
+    /// each message (text and binary, up to `max_message` bytes).
+    pub async fn ws_echo(
+        listener: tokio::net::TcpListener,
+        max_message: usize,
+    ) -> std::io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(super::direct_ws::echo(stream, max_message));
+        }
+    }
+}
+
 /// The public router.
 pub fn router(state: State) -> Router {
     let cors = cors_layer(&state.config.cors);

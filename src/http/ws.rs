@@ -31,6 +31,16 @@ pub(super) async fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     state.check_not_draining()?;
+    // The handshake rules of the direct path (426 for another version, a
+    // key of 16 bytes), before axum's extractor, which checks less.
+    if let Err(r) =
+        super::direct_ws::handshake(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    {
+        let (status, msg) = r.answer();
+        let status =
+            axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_REQUEST);
+        return Err(ApiError::new(status, msg));
+    }
     let ws =
         ws.map_err(|e| ApiError::new(e.status(), format!("a WebSocket upgrade is required: {e}")))?;
     let pairs = query_pairs(query.as_deref());
@@ -138,6 +148,8 @@ enum ClientMessage {
 /// How the connection ends.
 enum End {
     Close(u16, &'static str),
+    /// The client closed: send the reply tungstenite queued.
+    Reply,
     Drop,
 }
 
@@ -189,7 +201,10 @@ impl Conn {
                             }
                         }
                         Some(Ok(Message::Binary(_))) => break End::Close(close_code::UNSUPPORTED, "binary frames are not supported"),
-                        Some(Ok(Message::Close(_))) => break End::Drop,
+                        // tungstenite has queued the reply (the client's
+                        // code echoed, or 1002 for one that may not be
+                        // sent): flush it.
+                        Some(Ok(Message::Close(_))) => break End::Reply,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
                 }
@@ -207,6 +222,10 @@ impl Conn {
                 }
             }
         };
+        if let End::Reply = end {
+            let _ = tokio::time::timeout(self.state.config.write_timeout, socket.flush()).await;
+            return;
+        }
         if let End::Close(code, reason) = end {
             let frame = CloseFrame {
                 code,
@@ -333,12 +352,28 @@ fn get_events(state: &AppState, namespace: Option<String>) -> serde_json::Value 
     }
 }
 
+/// The close to send for a read error: the code the direct path sends for
+/// the same fault (a protocol error is answered, never a bare TCP close).
 fn read_error(e: &axum::Error) -> End {
     use std::error::Error as _;
+    use tungstenite::Error as E;
     let mut source = e.source();
     while let Some(s) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
-            return End::Close(close_code::SIZE, "message too big");
+        match s.downcast_ref::<tungstenite::Error>() {
+            // RFC 6455 5.2: a 64-bit length has its top bit clear; one
+            // that does not is a broken frame, not a big message.
+            Some(E::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                size, ..
+            })) if *size as u64 >> 63 != 0 => {
+                return End::Close(
+                    close_code::PROTOCOL,
+                    "a 64-bit length must have its top bit clear",
+                );
+            }
+            Some(E::Capacity(_)) => return End::Close(close_code::SIZE, "message too big"),
+            Some(E::Utf8(_)) => return End::Close(close_code::INVALID, "text is not UTF-8"),
+            Some(E::Protocol(_)) => return End::Close(close_code::PROTOCOL, "protocol error"),
+            _ => {}
         }
         source = s.source();
     }

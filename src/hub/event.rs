@@ -226,6 +226,8 @@ fn lines(s: &str) -> impl Iterator<Item = &str> {
 pub mod opcode {
     /// A text frame.
     pub const TEXT: u8 = 0x1;
+    /// A binary frame.
+    pub const BINARY: u8 = 0x2;
     /// A close frame.
     pub const CLOSE: u8 = 0x8;
     /// A ping.

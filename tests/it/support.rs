@@ -495,8 +495,16 @@ impl RawWs {
                     self.buf.drain(..end + 4);
                     return head;
                 }
-                // An error: read its body too (it is small).
-                while self.fill().await {}
+                // An error: read its body too (content-length; it is small).
+                let len = head
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0usize);
+                while self.buf.len() < end + 4 + len && self.fill().await {}
                 return String::from_utf8_lossy(&self.buf).into_owned();
             }
             if !self.fill().await {

@@ -244,3 +244,85 @@ async fn pings_leave_a_whole_heartbeat_to_answer_on_every_path() {
         );
     }
 }
+
+/// RFC 6455 details on both paths (direct, and hyper after a kept-alive
+/// request): close frames are validated and a valid code is echoed; a
+/// wrong version is 426 with the version herald speaks; a key must be 16
+/// bytes in base64; a 64-bit length with its top bit set is a protocol
+/// error; invalid UTF-8 fails on the first fragment that proves it.
+#[tokio::test]
+async fn websocket_conformance_details_hold_on_both_paths() {
+    use crate::support::RawWs;
+    let hub = TestHub::spawn().await;
+    for hyper in [false, true] {
+        let path = if hyper { "hyper" } else { "direct" };
+        let closes: [(&[u8], u16); 11] = [
+            (&[0x03], 1002),
+            (&999u16.to_be_bytes(), 1002),
+            (&1004u16.to_be_bytes(), 1002),
+            (&1005u16.to_be_bytes(), 1002),
+            (&1006u16.to_be_bytes(), 1002),
+            (&1015u16.to_be_bytes(), 1002),
+            (&2000u16.to_be_bytes(), 1002),
+            (&[0x03, 0xe8, 0xff, 0xfe], 1007),
+            (&1000u16.to_be_bytes(), 1000),
+            (&3001u16.to_be_bytes(), 3001),
+            (&4999u16.to_be_bytes(), 4999),
+        ];
+        for (payload, want) in closes {
+            let mut ws = RawWs::connect(hub.addr, hyper, "/ws").await;
+            ws.send(0x88, payload).await;
+            let f = ws.frame_not_ping().await.expect("a close frame");
+            assert_eq!(f.close_code(), Some(want), "{path}: close {payload:?}");
+        }
+        // An empty close is answered with a close too.
+        let mut ws = RawWs::connect(hub.addr, hyper, "/ws").await;
+        ws.send(0x88, b"").await;
+        assert_eq!(
+            ws.frame_not_ping().await.map(|f| f.opcode),
+            Some(8),
+            "{path}"
+        );
+
+        let bad_version = "!Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let head = RawWs::try_connect(hub.addr, hyper, "/ws", bad_version)
+            .await
+            .err()
+            .expect("refused");
+        assert!(head.starts_with("HTTP/1.1 426"), "{path}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-version: 13"),
+            "{path}: {head}"
+        );
+        for key in [
+            "c2hvcnQ=",
+            "not base64 at all!!!!!==",
+            "dGhlIHNhbXBsZSBub25jZQ",
+        ] {
+            let headers = format!(
+                "!Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+            );
+            let head = RawWs::try_connect(hub.addr, hyper, "/ws", &headers)
+                .await
+                .err()
+                .expect("refused");
+            assert!(head.starts_with("HTTP/1.1 400"), "{path} key {key}: {head}");
+            assert!(head.contains("Sec-WebSocket-Key"), "{path}: {head}");
+        }
+
+        let mut ws = RawWs::connect(hub.addr, hyper, "/ws").await;
+        let mut huge = vec![0x81, 0x80 | 127];
+        huge.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        ws.send_raw(&huge).await;
+        let f = ws.frame_not_ping().await.expect("a close frame");
+        assert_eq!(f.close_code(), Some(1002), "{path}: 64-bit length");
+
+        // The first fragment already holds a byte that is never UTF-8.
+        let mut ws = RawWs::connect(hub.addr, hyper, "/ws").await;
+        ws.send(0x01, b"ok so far \xff").await;
+        let f = ws.frame_not_ping().await.expect("a close frame");
+        assert_eq!(f.close_code(), Some(1007), "{path}: invalid UTF-8 fragment");
+    }
+}
