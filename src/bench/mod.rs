@@ -576,7 +576,7 @@ async fn subscriber(
                 let mut closed = false;
                 let mut confirmed = false;
                 reader.feed(&buf[..n], &mut |item| match item {
-                    wire::WsItem::Message(m) => {
+                    wire::WsItem::Text(m) | wire::WsItem::Binary(m) => {
                         if confirms && !ready.sent && m.windows(12).any(|w| w == b"\"subscribed\"")
                         {
                             confirmed = true;
@@ -585,7 +585,7 @@ async fn subscriber(
                         }
                     }
                     wire::WsItem::Ping(p) => pongs.extend(wire::WsReader::pong(&p)),
-                    wire::WsItem::Close => closed = true,
+                    wire::WsItem::Close(_) => closed = true,
                 })?;
                 if reader.open && (!confirms || confirmed) {
                     ready.ok();

@@ -18,6 +18,9 @@ pub enum Error {
     /// A chunk size line was not hexadecimal.
     #[error("malformed chunk size")]
     Chunk,
+    /// The server broke the WebSocket protocol: close with this code.
+    #[error("WebSocket protocol error {0}: {1}")]
+    WebSocket(u16, &'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,23 +221,40 @@ impl SseReader {
 /// What a WebSocket stream delivered.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WsItem<'a> {
-    /// A whole text or binary message.
-    Message(&'a [u8]),
+    /// A whole text message (valid UTF-8).
+    Text(&'a [u8]),
+    /// A whole binary message.
+    Binary(&'a [u8]),
     /// A ping to answer (its payload).
     Ping(Vec<u8>),
-    /// The server closed the WebSocket.
-    Close,
+    /// The server closed the WebSocket with this code (1000 if none):
+    /// answer with the same code.
+    Close(u16),
 }
 
+/// The largest server message the client accepts.
+const MAX_SERVER_MESSAGE: usize = 64 * 1024 * 1024;
+
 /// One WebSocket client stream being read: the `101` answer, then unmasked
-/// server frames (fragmented messages are joined).
-#[derive(Debug, Default)]
+/// server frames, decoded by the codec herald's server uses
+/// (`http::ws_codec`: fragments joined, control frames, UTF-8, close codes
+/// checked; a violation is [`Error::WebSocket`]).
+#[derive(Debug)]
 pub struct WsReader {
     head: Vec<u8>,
-    buf: Vec<u8>,
-    message: Vec<u8>,
+    decoder: crate::http::ws_codec::Decoder,
     /// True once the `101 Switching Protocols` has been read.
     pub open: bool,
+}
+
+impl Default for WsReader {
+    fn default() -> Self {
+        Self {
+            head: Vec::new(),
+            decoder: crate::http::ws_codec::Decoder::client(MAX_SERVER_MESSAGE),
+            open: false,
+        }
+    }
 }
 
 impl WsReader {
@@ -245,11 +265,14 @@ impl WsReader {
         )
     }
 
-    /// A masked pong frame answering `payload` (the zero mask is valid).
+    /// A masked frame to send (`first` is FIN/RSV/opcode).
+    pub fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        crate::http::ws_codec::masked_frame(first, payload, rand::random())
+    }
+
+    /// A masked pong frame answering `payload`.
     pub fn pong(payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x8A, 0x80 | (payload.len().min(125) as u8), 0, 0, 0, 0];
-        out.extend_from_slice(&payload[..payload.len().min(125)]);
-        out
+        Self::frame(0x8A, &payload[..payload.len().min(125)])
     }
 
     /// Feeds bytes read from the socket; calls `on` for each item.
@@ -277,50 +300,23 @@ impl WsReader {
             self.open = true;
             let rest = self.head.split_off(end);
             self.head = Vec::new();
-            self.buf = rest;
+            self.decoder.buf = rest;
             input = &[];
         }
-        self.buf.extend_from_slice(input);
+        use crate::http::ws_codec::{Frame, Message};
+        self.decoder.buf.extend_from_slice(input);
         loop {
-            let b = &self.buf;
-            if b.len() < 2 {
-                break;
-            }
-            let (fin, op, masked) = (b[0] & 0x80 != 0, b[0] & 0x0F, b[1] & 0x80 != 0);
-            let (len, at): (usize, usize) = match b[1] & 0x7F {
-                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 if b.len() >= 10 => (
-                    u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()) as usize,
-                    10,
-                ),
-                126 | 127 => break,
-                n => (usize::from(n), 2),
-            };
-            if masked {
-                return Err(Error::Http("server frames must not be masked".into()));
-            }
-            let end = at
-                .checked_add(len)
-                .filter(|&e| e <= 64 * 1024 * 1024)
-                .ok_or_else(|| Error::Http("WebSocket frame too large".into()))?;
-            if b.len() < end {
-                break;
-            }
-            let payload = b[at..end].to_vec();
-            self.buf.drain(..end);
-            match op {
-                0x8 => on(WsItem::Close),
-                0x9 => on(WsItem::Ping(payload)),
-                0xA => {}
-                _ => {
-                    self.message.extend_from_slice(&payload);
-                    if fin {
-                        on(WsItem::Message(&self.message));
-                        self.message.clear();
-                    }
-                }
+            match self.decoder.next() {
+                Ok(None) => break,
+                Ok(Some(Frame::Message(Message::Text(t)))) => on(WsItem::Text(t.as_bytes())),
+                Ok(Some(Frame::Message(Message::Binary(b)))) => on(WsItem::Binary(&b)),
+                Ok(Some(Frame::Ping(p))) => on(WsItem::Ping(p)),
+                Ok(Some(Frame::Pong)) => {}
+                Ok(Some(Frame::Close(code))) => on(WsItem::Close(code)),
+                Err((code, why)) => return Err(Error::WebSocket(code, why)),
             }
         }
+        self.decoder.release();
         Ok(())
     }
 }
@@ -416,9 +412,9 @@ mod tests {
             let mut got = vec![];
             let mut on = |i: WsItem<'_>| {
                 got.push(match i {
-                    WsItem::Message(m) => String::from_utf8_lossy(m).into_owned(),
+                    WsItem::Text(m) | WsItem::Binary(m) => String::from_utf8_lossy(m).into_owned(),
                     WsItem::Ping(p) => format!("ping:{}", String::from_utf8_lossy(&p)),
-                    WsItem::Close => "close".into(),
+                    WsItem::Close(code) => format!("close:{code}"),
                 })
             };
             r.feed(&input[..split], &mut on).unwrap();
@@ -426,7 +422,7 @@ mod tests {
             assert_eq!(got.len(), 5, "split at {split}: {got:?}");
             assert_eq!(&got[..3], ["hello", "ping:p", "abcde"]);
             assert_eq!(got[3].len(), 300);
-            assert_eq!(got[4], "close");
+            assert_eq!(got[4], "close:1000");
         }
         assert_eq!(
             WsReader::default().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n", &mut |_| {}),

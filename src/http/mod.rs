@@ -15,6 +15,7 @@ mod server;
 pub mod spa_compat;
 mod sse;
 mod ws;
+pub mod ws_codec;
 
 use std::sync::Arc;
 
@@ -134,13 +135,13 @@ pub mod fuzz {
     /// the buffers stay bounded, and messages built from `data` come out
     /// whole after masking and fragmentation.
     pub fn ws_frames(data: &[u8]) {
-        super::direct_ws::fuzz_decoder(data);
+        super::ws_codec::fuzz_decoder(data);
     }
 
     /// A client WebSocket frame with first byte `first`, masked with
     /// `mask` (for tests that speak WebSocket on raw sockets).
     pub fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        super::direct_ws::masked_frame(first, payload, mask)
+        super::ws_codec::masked_frame(first, payload, mask)
     }
 
     /// A publish: body and query (split at the first NUL), as JSON and as
