@@ -720,24 +720,45 @@ impl Role {
     }
 }
 
-/// A URL without its password, for logs and `/status`.
-pub fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (auth, host) = match rest.split_once('@') {
-                Some((auth, host)) if !auth.contains('/') => (Some(auth), host),
-                _ => (None, rest),
+/// A URL (or a comma-separated list, as `--nats-url` takes) without its
+/// password, for logs, errors and `/status`: parsed by a real URL parser,
+/// so a password holding `@`, `:` or `/` never leaks in part. A user with
+/// a password keeps the user (`redis://app:***@host`); a token alone
+/// (`nats://TOKEN@host`) becomes `***`; what does not parse as a URL
+/// shows its scheme only.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| redact_one(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(u: &str) -> String {
+    const HIDDEN: &str = "***";
+    match url::Url::parse(u) {
+        Ok(mut parsed) => {
+            let hidden = if parsed.password().is_some() {
+                parsed.set_password(Some(HIDDEN))
+            } else if !parsed.username().is_empty() {
+                parsed.set_username(HIDDEN)
+            } else {
+                Ok(())
             };
-            match auth {
-                // `user:password`, or a token alone: only a user shows.
-                Some(a) => match a.split_once(':') {
-                    Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-                    None => format!("{scheme}://***@{host}"),
-                },
-                None => url.to_owned(),
+            match hidden {
+                Ok(()) => parsed.to_string(),
+                Err(()) => unparseable(u),
             }
         }
-        None => url.to_owned(),
+        Err(_) => unparseable(u),
+    }
+}
+
+fn unparseable(u: &str) -> String {
+    match u.split_once("://") {
+        Some((scheme, _)) if scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) => {
+            format!("{scheme}://(not a URL; hidden)")
+        }
+        _ => "(not a URL; hidden)".to_owned(),
     }
 }
 
@@ -761,5 +782,21 @@ mod tests {
         );
         assert_eq!(redact("nats://s3cret@nats:4222"), "nats://***@nats:4222");
         assert!(!redact("rediss://u:p%40ss@h/").contains("p%40ss"));
+        // An unencoded @ in the password: the last @ ends the user info.
+        assert_eq!(redact("redis://user:p@ss@host"), "redis://user:***@host");
+        assert_eq!(redact("redis://:p@ss@host:6379/0"), "redis://:***@host:6379/0");
+        // A / in the password ends the authority for a URL parser: what
+        // cannot be read is hidden whole, never printed in part.
+        for u in ["redis://:pa/ss@host", "redis://user:se/cr:et@host"] {
+            let r = redact(u);
+            assert!(!r.contains("pa/ss") && !r.contains("ss@") && !r.contains("se/cr"), "{u} -> {r}");
+            assert!(r.starts_with("redis://"), "{r}");
+        }
+        // Every URL of a NATS list.
+        assert_eq!(
+            redact("nats://a:one@n1:4222, nats://b:two@n2:4222"),
+            "nats://a:***@n1:4222,nats://b:***@n2:4222"
+        );
+        assert_eq!(redact("not a url at all"), "(not a URL; hidden)");
     }
 }

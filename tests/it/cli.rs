@@ -183,19 +183,28 @@ async fn bad_flags_fail_with_a_message_naming_them() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--history-ttl"));
-    // A bad URL is shown without its password.
-    let out = Command::new(BIN)
-        .args(["serve", "--cluster", "redis"])
-        .env("HERALD_REDIS_URL", "redis://:hunter2@127.0.0.1:notaport")
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("--redis-url") && !err.contains("hunter2"),
-        "{err}"
-    );
+    // A bad URL is shown without its password, whatever the password
+    // holds (an @, a :, a /), for Redis and every URL of a NATS list.
+    for (mode, var, url) in [
+        ("redis", "HERALD_REDIS_URL", "redis://:hunter2@127.0.0.1:notaport"),
+        ("redis", "HERALD_REDIS_URL", "redis://:hun/ter2@127.0.0.1:notaport"),
+        ("redis", "HERALD_REDIS_URL", "redis://app:hun@ter2@127.0.0.1:notaport"),
+        ("nats", "HERALD_NATS_URL", "nats://a:hun/ter2@n1:4222,nats://b:hun@ter2@:x"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--cluster", mode])
+            .env(var, url)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}");
+        let flag = format!("--{mode}-url");
+        assert!(err.contains(&flag), "{url}: {err}");
+        for part in ["hunter2", "hun/", "ter2", "hun@"] {
+            assert!(!err.contains(part), "{url}: {err}");
+        }
+    }
 }
 
 #[tokio::test]
