@@ -755,7 +755,11 @@ fn redact_one(u: &str) -> String {
 
 fn unparseable(u: &str) -> String {
     match u.split_once("://") {
-        Some((scheme, _)) if scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) => {
+        Some((scheme, _))
+            if scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
             format!("{scheme}://(not a URL; hidden)")
         }
         _ => "(not a URL; hidden)".to_owned(),
@@ -784,12 +788,18 @@ mod tests {
         assert!(!redact("rediss://u:p%40ss@h/").contains("p%40ss"));
         // An unencoded @ in the password: the last @ ends the user info.
         assert_eq!(redact("redis://user:p@ss@host"), "redis://user:***@host");
-        assert_eq!(redact("redis://:p@ss@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(
+            redact("redis://:p@ss@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
         // A / in the password ends the authority for a URL parser: what
         // cannot be read is hidden whole, never printed in part.
         for u in ["redis://:pa/ss@host", "redis://user:se/cr:et@host"] {
             let r = redact(u);
-            assert!(!r.contains("pa/ss") && !r.contains("ss@") && !r.contains("se/cr"), "{u} -> {r}");
+            assert!(
+                !r.contains("pa/ss") && !r.contains("ss@") && !r.contains("se/cr"),
+                "{u} -> {r}"
+            );
             assert!(r.starts_with("redis://"), "{r}");
         }
         // Every URL of a NATS list.

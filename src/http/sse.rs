@@ -10,7 +10,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -142,7 +141,8 @@ fn open(
         _subs: session.subs,
         _guard: session.guard,
         shutdown: state.shutdown.clone(),
-        heartbeat: state.config.heartbeat,
+        ticks: state.ticker(),
+        wrote: false,
     };
     let body = Body::from_stream(futures_util::stream::unfold(conn, Conn::next));
     let mut resp = Response::new(body);
@@ -167,25 +167,39 @@ struct Conn {
     _subs: Vec<Subscription>,
     _guard: ConnectionGuard,
     shutdown: CancellationToken,
-    heartbeat: Duration,
+    /// The shared heartbeat (no timer per stream).
+    ticks: tokio::sync::watch::Receiver<u64>,
+    /// Something was written since the previous tick.
+    wrote: bool,
 }
 
 impl Conn {
-    /// The next chunk: everything queued, coalesced; or a heartbeat after
-    /// `heartbeat` of silence; or the end (shutdown, too slow).
+    /// The next chunk: everything queued, coalesced; or a heartbeat on a
+    /// tick of the shared ticker when nothing was written since the
+    /// previous one; or the end (shutdown, too slow).
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         if let Some(p) = self.prelude.take() {
             return Some((Ok(p), self));
         }
-        let chunk = tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => return None,
-            batch = self.outbox.next_batch() => match batch {
-                Batch::Items(items) => encode(items),
-                Batch::Closed(_) => return None,
-            },
-            () = tokio::time::sleep(self.heartbeat) => Bytes::from_static(HEARTBEAT),
+        let chunk = loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return None,
+                batch = self.outbox.next_batch() => match batch {
+                    Batch::Items(items) => break encode(items),
+                    Batch::Closed(_) => return None,
+                },
+                r = self.ticks.changed() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    if !std::mem::take(&mut self.wrote) {
+                        break Bytes::from_static(HEARTBEAT);
+                    }
+                }
+            }
         };
+        self.wrote = true;
         Some((Ok(chunk), self))
     }
 }

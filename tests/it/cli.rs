@@ -186,10 +186,26 @@ async fn bad_flags_fail_with_a_message_naming_them() {
     // A bad URL is shown without its password, whatever the password
     // holds (an @, a :, a /), for Redis and every URL of a NATS list.
     for (mode, var, url) in [
-        ("redis", "HERALD_REDIS_URL", "redis://:hunter2@127.0.0.1:notaport"),
-        ("redis", "HERALD_REDIS_URL", "redis://:hun/ter2@127.0.0.1:notaport"),
-        ("redis", "HERALD_REDIS_URL", "redis://app:hun@ter2@127.0.0.1:notaport"),
-        ("nats", "HERALD_NATS_URL", "nats://a:hun/ter2@n1:4222,nats://b:hun@ter2@:x"),
+        (
+            "redis",
+            "HERALD_REDIS_URL",
+            "redis://:hunter2@127.0.0.1:notaport",
+        ),
+        (
+            "redis",
+            "HERALD_REDIS_URL",
+            "redis://:hun/ter2@127.0.0.1:notaport",
+        ),
+        (
+            "redis",
+            "HERALD_REDIS_URL",
+            "redis://app:hun@ter2@127.0.0.1:notaport",
+        ),
+        (
+            "nats",
+            "HERALD_NATS_URL",
+            "nats://a:hun/ter2@n1:4222,nats://b:hun@ter2@:x",
+        ),
     ] {
         let out = Command::new(BIN)
             .args(["serve", "--cluster", mode])

@@ -489,3 +489,30 @@ async fn a_client_that_never_sends_a_request_is_dropped_at_shutdown() {
     hub.stop().await;
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Every idle stream rides the one shared ticker, the hyper path's too:
+/// heartbeats fall on its ticks (multiples of --heartbeat since the start,
+/// paused time), not on a timer counted from the stream's last write.
+#[tokio::test(start_paused = true)]
+async fn a_hyper_stream_heartbeats_on_the_shared_ticker() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::time::{Duration, Instant, sleep};
+    let start = Instant::now();
+    let beat = Duration::from_secs(2);
+    let mut c = config();
+    c.heartbeat = beat;
+    let hub = TestHub::with(c).await;
+    sleep(beat - Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\"ok\"").await;
+    s.write_all(b"GET /channel/beat HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "retry:").await;
+    read_until(&mut s, ":").await;
+    let at = start.elapsed().as_millis() % beat.as_millis();
+    assert!(at < 100, "a heartbeat {at} ms after a tick");
+}
