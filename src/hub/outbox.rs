@@ -206,9 +206,10 @@ impl Outbox {
     pub fn push(&self, item: Item, cost: usize) -> Pushed {
         self.enqueue(cost, |st| {
             let order = item.order();
-            if st.items.back().is_some_and(|b| b.order() > order) {
-                // Only an outbox of several channels on a single node gets
-                // here: two publishes crossed on their way.
+            // One channel's events arrive in order (pushed under its lock);
+            // only an outbox of several channels can see two publishes
+            // cross on their way (single node), so only it looks.
+            if st.mixed && st.items.back().is_some_and(|b| b.order() > order) {
                 let at = st.items.partition_point(|i| i.order() <= order);
                 st.items.insert(at, item);
             } else {
