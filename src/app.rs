@@ -168,9 +168,11 @@ impl App {
         &self.hub
     }
 
-    /// Serves until `shutdown` is cancelled, then ends open streams and
-    /// exits within the grace period.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+    /// Serves until `draining` is cancelled (SIGTERM); then, for the drain
+    /// delay, keeps the listener open with `/readyz` 503 and new
+    /// subscriptions refused while open streams keep flowing; then ends
+    /// the streams and exits, all within the grace period.
+    pub async fn run(self, draining: CancellationToken) -> Result<(), Error> {
         let Self {
             listener,
             addr,
@@ -182,6 +184,24 @@ impl App {
             gossip,
         } = self;
         let tasks = TaskTracker::new();
+        // The one token every task ends on, cancelled the drain delay after
+        // `draining` (or when the caller drops out).
+        let shutdown = CancellationToken::new();
+        let delay = config.drain_delay;
+        tasks.spawn({
+            let (draining, shutdown) = (draining.clone(), shutdown.clone());
+            async move {
+                tokio::select! {
+                    () = draining.cancelled() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                if !delay.is_zero() {
+                    tracing::info!(?delay, "draining: /readyz is 503 and new subscriptions are refused; open streams continue");
+                    tokio::time::sleep(delay).await;
+                }
+                shutdown.cancel();
+            }
+        });
         tasks.spawn(sweep(hub.clone(), config.history_ttl, shutdown.clone()));
         let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
         tasks.spawn(http::heartbeat(tick_tx, config.heartbeat, shutdown.clone()));
@@ -245,6 +265,7 @@ impl App {
             sources,
             hub,
             config: config.clone(),
+            draining: draining.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             ticks,
@@ -269,7 +290,7 @@ impl App {
         tokio::select! {
             () = served => {}
             () = async {
-                shutdown.cancelled().await;
+                draining.cancelled().await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "connections still open after the grace period; exiting anyway");

@@ -104,6 +104,9 @@ pub struct ServeArgs {
     /// Time to finish after SIGTERM or SIGINT.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]
     pub shutdown_grace: Duration,
+    /// After SIGTERM: keep the listener open this long (/readyz 503, new subscriptions refused, open streams flowing) before ending streams; 0 = at once.
+    #[arg(long, env = "HERALD_DRAIN_DELAY", default_value = "5s", value_parser = config::parse_duration)]
+    pub drain_delay: Duration,
     /// A write blocked this long drops the connection.
     #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     pub write_timeout: Duration,
@@ -361,6 +364,7 @@ impl ServeArgs {
             allow_anonymous_publish: self.allow_anonymous_publish,
             cors,
             shutdown_grace: self.shutdown_grace,
+            drain_delay: self.drain_delay,
             write_timeout: self.write_timeout,
             limits: config::Limits {
                 head_timeout: self.head_timeout,

@@ -76,6 +76,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
 /// Default time to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default `--drain-delay`: long enough for Kubernetes to take a pod out of
+/// its Services' endpoints after the SIGTERM.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Default time a blocked write may take before the connection is dropped.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of re-evaluating watched Deployments without a change.
@@ -157,8 +160,12 @@ pub struct Config {
     pub allow_anonymous_publish: bool,
     /// Cross-origin policy.
     pub cors: Cors,
-    /// Time to finish after SIGTERM/SIGINT.
+    /// Time to finish after SIGTERM/SIGINT, the drain delay included.
     pub shutdown_grace: Duration,
+    /// After SIGTERM/SIGINT: how long the listener stays open, `/readyz`
+    /// answering 503 and new subscriptions refused while open streams keep
+    /// flowing, before the streams end (0 = at once).
+    pub drain_delay: Duration,
     /// A write blocked this long drops the connection.
     pub write_timeout: Duration,
     /// Timeouts and bounds on what clients can make the node hold.
@@ -187,6 +194,7 @@ impl Config {
             allow_anonymous_publish: false,
             cors: Cors::Off,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            drain_delay: DEFAULT_DRAIN_DELAY,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             limits: Limits::default(),
             kube: crate::k8s::Options {
@@ -217,6 +225,15 @@ impl Config {
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(ConfigError::Zero { flag });
+        }
+        if !self.drain_delay.is_zero() && self.drain_delay >= self.shutdown_grace {
+            return Err(ConfigError::Invalid {
+                flag: "--drain-delay",
+                message: format!(
+                    "must be shorter than --shutdown-grace ({:?}), which bounds the whole shutdown; e.g. --drain-delay 5s --shutdown-grace 15s",
+                    self.shutdown_grace
+                ),
+            });
         }
         if self.max_queued_bytes < self.max_message_bytes {
             return Err(ConfigError::Invalid {

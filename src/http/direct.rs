@@ -137,15 +137,18 @@ pub(super) async fn serve(
     session: Session,
 ) {
     let mut first = response_head(&state, &sub, &session.client);
-    first.extend_from_slice(&sse::prelude(&state));
+    let prelude = sse::prelude(&state);
+    first.extend_from_slice(&chunk_head(prelude.len()));
+    first.extend_from_slice(&prelude);
+    first.extend_from_slice(b"\r\n");
     drop(sub);
+    let mut ticks = state.ticker();
     let Session {
         outbox,
         subs: _subs,
         guard: _guard,
         ..
     } = session;
-    let mut ticks = state.ticker();
     let AppState {
         shutdown, config, ..
     } = state;
@@ -157,25 +160,23 @@ pub(super) async fn serve(
     {
         return;
     }
-    let mut wrote = false;
     let mut extra = 0usize;
     loop {
         let chunk = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                // The last chunk: a clean end the client can tell from a cut.
+                let _ = write(&mut stream, Bytes::from_static(b"0\r\n\r\n"), write_timeout).await;
+                return;
+            }
             batch = outbox.next_batch() => match batch {
                 Batch::Items(items) => sse::encode(items),
                 Batch::Closed(_) => return,
             },
-            r = ticks.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                if std::mem::take(&mut wrote) {
-                    continue;
-                }
-                Bytes::from_static(sse::HEARTBEAT)
-            }
+            r = ticks.changed() => match r {
+                Ok(()) => Bytes::from_static(sse::HEARTBEAT),
+                Err(_) => return,
+            },
             r = stream.readable() => {
                 if r.is_err() || client_left(&stream, &mut extra) {
                     return;
@@ -183,11 +184,57 @@ pub(super) async fn serve(
                 continue;
             }
         };
-        if write(&mut stream, chunk, write_timeout).await.is_err() {
+        let rest = match write_chunk_now(&stream, &chunk) {
+            Ok(None) => continue,
+            Ok(Some(rest)) => rest,
+            Err(()) => return,
+        };
+        if write(&mut stream, rest, write_timeout).await.is_err() {
             return;
         }
-        wrote = true;
     }
+}
+
+/// The size line of an HTTP/1.1 chunk of `len` bytes.
+fn chunk_head(len: usize) -> Vec<u8> {
+    format!("{len:x}\r\n").into_bytes()
+}
+
+/// Writes `data` as one HTTP/1.1 chunk (size line, data, line break) in one
+/// vectored write if the socket has room, without copying the shared frame.
+/// Returns what is left to write (then copied, rarely), `None` if all went
+/// (or the chunk is empty: a zero-size chunk would end the body), `Err`
+/// if the socket failed.
+fn write_chunk_now(stream: &TcpStream, data: &Bytes) -> Result<Option<Bytes>, ()> {
+    use std::io::IoSlice;
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let head = chunk_head(data.len());
+    let total = head.len() + data.len() + 2;
+    let written = match stream.try_write_vectored(&[
+        IoSlice::new(&head),
+        IoSlice::new(data),
+        IoSlice::new(b"\r\n"),
+    ]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(_) => return Err(()),
+    };
+    if written == total {
+        return Ok(None);
+    }
+    let mut rest = bytes::BytesMut::with_capacity(total - written);
+    let mut skip = written;
+    for part in [&head[..], &data[..], b"\r\n"] {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        rest.extend_from_slice(&part[skip..]);
+        skip = 0;
+    }
+    Ok(Some(rest.freeze()))
 }
 
 /// Bytes a subscriber may send after its request (a stray line end, a
@@ -237,7 +284,7 @@ pub(super) async fn write(
 
 fn response_head(state: &AppState, sub: &Subscribe, client: &ClientId) -> Vec<u8> {
     let mut h = String::with_capacity(256);
-    h.push_str("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\nconnection: close\r\n");
+    h.push_str("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\nconnection: close\r\n");
     h.push_str("herald-client-id: ");
     h.push_str(client.as_str());
     h.push_str("\r\n");

@@ -40,7 +40,11 @@ pub struct State {
     pub hub: Arc<Hub>,
     /// The node's configuration.
     pub config: Arc<Config>,
-    /// Cancelled when the node starts shutting down.
+    /// Cancelled when the node starts draining (SIGTERM): `/readyz` 503,
+    /// new subscriptions refused, open streams flowing.
+    pub draining: CancellationToken,
+    /// Cancelled when streams end and the listener closes (the drain delay
+    /// after `draining`).
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -82,6 +86,7 @@ impl State {
             hub: Hub::new(config.hub()),
             admission: Admission::new(config.limits.clone()),
             config: Arc::new(config),
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             sources: None,
@@ -105,7 +110,7 @@ impl State {
 
     /// Refuses new subscriptions while draining.
     fn check_not_draining(&self) -> Result<(), ApiError> {
-        if self.shutdown.is_cancelled() {
+        if self.draining.is_cancelled() || self.shutdown.is_cancelled() {
             return Err(ApiError::unavailable(
                 "herald is shutting down; reconnect to another instance",
             ));

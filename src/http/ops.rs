@@ -15,7 +15,7 @@ pub(super) async fn healthz() -> impl IntoResponse {
 /// Why the node is not ready (`status`, `waiting_for`), or `None`: the
 /// one verdict `/readyz` and `/status` both give.
 fn not_ready(state: &AppState) -> Option<(&'static str, Option<&'static str>)> {
-    if state.shutdown.is_cancelled() {
+    if state.draining.is_cancelled() || state.shutdown.is_cancelled() {
         Some(("draining", None))
     } else if state.cluster.as_ref().is_some_and(|c| !c.ready()) {
         Some(("joining", Some("the backfill from peers")))

@@ -23,7 +23,11 @@ use crate::hub::{
     Batch, ChannelName, ClientId, ConnectionGuard, Item, Outbox, Resume, Subscription,
 };
 
-pub(super) const HEARTBEAT: &[u8] = b": ping\n\n";
+/// The heartbeat: a comment line on every tick of the shared ticker
+/// (every `--heartbeat`, busy or idle: a proxy or client that times out
+/// silence sees bytes at that interval). No blank line after it, so no
+/// parser dispatches an empty event for it.
+pub(super) const HEARTBEAT: &[u8] = b": ping\n";
 
 pub(super) async fn channel(
     State(state): State<AppState>,
@@ -121,9 +125,13 @@ pub(super) fn register(
     })
 }
 
-/// The `retry:` field that opens every stream.
+/// The `retry:` field that opens every stream. It ends with one line
+/// break, not a blank line: a parser applies `retry:` as it reads the
+/// line, and a blank line would dispatch an empty event in the parsers
+/// that do not follow the rule that an event without data is not
+/// dispatched (`@microsoft/fetch-event-source`, `httpx-sse`).
 pub(super) fn prelude(state: &AppState) -> Bytes {
-    Bytes::from(format!("retry: {}\n\n", state.config.sse_retry.as_millis()))
+    Bytes::from(format!("retry: {}\n", state.config.sse_retry.as_millis()))
 }
 
 fn open(
@@ -142,7 +150,6 @@ fn open(
         _guard: session.guard,
         shutdown: state.shutdown.clone(),
         ticks: state.ticker(),
-        wrote: false,
     };
     let body = Body::from_stream(futures_util::stream::unfold(conn, Conn::next));
     let mut resp = Response::new(body);
@@ -169,37 +176,27 @@ struct Conn {
     shutdown: CancellationToken,
     /// The shared heartbeat (no timer per stream).
     ticks: tokio::sync::watch::Receiver<u64>,
-    /// Something was written since the previous tick.
-    wrote: bool,
 }
 
 impl Conn {
     /// The next chunk: everything queued, coalesced; or a heartbeat on a
-    /// tick of the shared ticker when nothing was written since the
-    /// previous one; or the end (shutdown, too slow).
+    /// tick of the shared ticker; or the end (shutdown, too slow).
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         if let Some(p) = self.prelude.take() {
             return Some((Ok(p), self));
         }
-        let chunk = loop {
-            tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => return None,
-                batch = self.outbox.next_batch() => match batch {
-                    Batch::Items(items) => break encode(items),
-                    Batch::Closed(_) => return None,
-                },
-                r = self.ticks.changed() => {
-                    if r.is_err() {
-                        return None;
-                    }
-                    if !std::mem::take(&mut self.wrote) {
-                        break Bytes::from_static(HEARTBEAT);
-                    }
-                }
-            }
+        let chunk = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return None,
+            batch = self.outbox.next_batch() => match batch {
+                Batch::Items(items) => encode(items),
+                Batch::Closed(_) => return None,
+            },
+            r = self.ticks.changed() => match r {
+                Ok(()) => Bytes::from_static(HEARTBEAT),
+                Err(_) => return None,
+            },
         };
-        self.wrote = true;
         Some((Ok(chunk), self))
     }
 }

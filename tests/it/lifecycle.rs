@@ -184,3 +184,45 @@ async fn the_public_listener_has_a_deep_accept_queue() {
         .unwrap_or(4096);
     assert_eq!(send_q, somaxconn.min(8192), "{text}");
 }
+
+/// SIGTERM starts a drain Kubernetes can see: for --drain-delay the
+/// listener stays open, /readyz answers 503, new subscriptions get 503 with
+/// Retry-After, and open streams keep flowing; then the streams end (SSE
+/// ends its body, a WebSocket gets 1012). Paused time: the default 5 s.
+#[tokio::test(start_paused = true)]
+async fn a_drain_keeps_the_listener_open_and_streams_flowing_for_the_drain_delay() {
+    let mut c = config();
+    c.drain_delay = herald::config::DEFAULT_DRAIN_DELAY;
+    let mut hub = TestHub::with(c).await;
+    let mut sse = hub.sse("/events?stream=d").await;
+    let mut ws = hub.ws("?channel=d").await;
+    let started = tokio::time::Instant::now();
+    hub.token.cancel();
+    let r = hub.http.get(hub.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["status"],
+        "draining"
+    );
+    for path in ["/channel/d", "/events?stream=d"] {
+        let r = hub.http.get(hub.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "1", "{path}");
+    }
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws?channel=d", hub.addr)).await;
+    assert!(
+        refused.is_err(),
+        "a new WebSocket is refused while draining"
+    );
+    hub.publish("d", "during the drain").await;
+    assert_eq!(sse.next().await.data, "during the drain");
+    assert_eq!(ws.next_json().await["data"], "during the drain");
+    sse.ends().await;
+    assert_eq!(ws.close_code().await, 1012);
+    assert!(
+        started.elapsed() >= herald::config::DEFAULT_DRAIN_DELAY,
+        "streams ended after {:?}",
+        started.elapsed()
+    );
+    hub.stop().await;
+}

@@ -8,7 +8,7 @@ use crate::support::{TestHub, config, raw_get, read_until};
 async fn headers_and_retry_arrive_before_any_event() {
     let hub = TestHub::spawn().await;
     let mut s = raw_get(hub.addr, "/channel/news", "").await;
-    let got = read_until(&mut s, "retry: 2000\n\n").await;
+    let got = read_until(&mut s, "retry: 2000\n").await;
     let lower = got.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{got}");
     assert!(
@@ -26,7 +26,7 @@ async fn retry_field_is_configurable() {
     c.sse_retry = Duration::from_millis(750);
     let hub = TestHub::with(c).await;
     let mut s = raw_get(hub.addr, "/events?stream=a", "").await;
-    let got = read_until(&mut s, "retry: 750\n\n").await;
+    let got = read_until(&mut s, "retry: 750\n").await;
     assert!(got.contains("\r\n\r\n"));
 }
 
@@ -46,7 +46,7 @@ async fn subscriber_receives_what_is_published_after_its_200() {
 async fn frames_on_the_wire_split_every_kind_of_line_break() {
     let hub = TestHub::spawn().await;
     let mut s = raw_get(hub.addr, "/channel/c", "").await;
-    read_until(&mut s, "retry: 2000\n\n").await;
+    read_until(&mut s, "retry: 2000\n").await;
     let id = hub.publish("c", "a\nb\r\nc\rd\n\ne").await;
     let got = read_until(&mut s, "data: e\n\n").await;
     let frame = format!("id: {id}\ndata: a\ndata: b\ndata: c\ndata: d\ndata:\ndata: e\n\n");
@@ -81,7 +81,7 @@ async fn json_data_is_compact_json_strings_are_text_and_names_are_framed() {
     assert_eq!(sub.next_data().await, "plain \"text\"\nline2");
     // A publisher's retry reaches the frame.
     let mut raw = raw_get(hub.addr, "/channel/d", "").await;
-    read_until(&mut raw, "retry: 2000\n\n").await;
+    read_until(&mut raw, "retry: 2000\n").await;
     hub.publish_json(
         "/channel/d",
         serde_json::json!({"data": 1, "retry": 5000, "event": "e"}),
@@ -101,9 +101,9 @@ async fn heartbeat_comments_keep_an_idle_stream_alive() {
     let hub = TestHub::with(c).await;
     let mut s = raw_get(hub.addr, "/channel/quiet", "").await;
     // Chunked encoding puts each comment in its own chunk: wait for two.
-    let first = read_until(&mut s, ": ping\n\n").await;
-    assert!(first.contains("retry: 2000\n\n"), "{first:?}");
-    read_until(&mut s, ": ping\n\n").await;
+    let first = read_until(&mut s, ": ping\n").await;
+    assert!(first.contains("retry: 2000\n"), "{first:?}");
+    read_until(&mut s, ": ping\n").await;
 }
 
 #[tokio::test]
@@ -416,7 +416,7 @@ async fn an_sse_subscribe_after_another_request_on_a_kept_alive_connection_works
     s.write_all(b"GET /channel/kept HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let head = read_until(&mut s, "retry: 2000\n\n").await;
+    let head = read_until(&mut s, "retry: 2000\n").await;
     assert!(
         head.to_ascii_lowercase()
             .contains("transfer-encoding: chunked"),
@@ -427,7 +427,7 @@ async fn an_sse_subscribe_after_another_request_on_a_kept_alive_connection_works
 }
 
 #[tokio::test]
-async fn a_first_request_sse_subscribe_is_close_delimited_and_leaves_promptly() {
+async fn a_first_request_sse_subscribe_is_chunked_and_leaves_promptly() {
     let hub = TestHub::spawn().await;
     let mut s = raw_get(
         hub.addr,
@@ -435,11 +435,13 @@ async fn a_first_request_sse_subscribe_is_close_delimited_and_leaves_promptly() 
         "Origin: https://app.example\r\n",
     )
     .await;
-    let head = read_until(&mut s, "retry: 2000\n\n")
+    let head = read_until(&mut s, "retry: 2000\n")
         .await
         .to_ascii_lowercase();
+    // Chunked, as behind hyper: clients that read fixed-size blocks get
+    // each event at once (a close-delimited body made them wait).
     assert!(
-        head.contains("connection: close") && !head.contains("chunked"),
+        head.contains("connection: close") && head.contains("transfer-encoding: chunked"),
         "{head}"
     );
     assert!(
@@ -463,7 +465,7 @@ async fn direct_sse_answers_carry_cors_headers_when_enabled() {
     c.cors = herald::config::Cors::Origins(vec!["https://app.example".into()]);
     let hub = TestHub::with(c).await;
     let mut s = raw_get(hub.addr, "/channel/c", "Origin: https://app.example\r\n").await;
-    let head = read_until(&mut s, "retry: 2000\n\n")
+    let head = read_until(&mut s, "retry: 2000\n")
         .await
         .to_ascii_lowercase();
     assert!(
@@ -475,7 +477,7 @@ async fn direct_sse_answers_carry_cors_headers_when_enabled() {
         "{head}"
     );
     let mut other = raw_get(hub.addr, "/channel/c", "Origin: https://evil.example\r\n").await;
-    let head = read_until(&mut other, "retry: 2000\n\n")
+    let head = read_until(&mut other, "retry: 2000\n")
         .await
         .to_ascii_lowercase();
     assert!(!head.contains("access-control-allow-origin"), "{head}");
@@ -515,4 +517,75 @@ async fn a_hyper_stream_heartbeats_on_the_shared_ticker() {
     read_until(&mut s, ":").await;
     let at = start.elapsed().as_millis() % beat.as_millis();
     assert!(at < 100, "a heartbeat {at} ms after a tick");
+}
+
+/// Strips HTTP/1.1 chunk framing from what a raw socket read.
+fn dechunk(raw: &str) -> String {
+    let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n + 2 {
+            out.push_str(&after[..n.min(after.len())]);
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// On both paths: the stream opens with `retry:` and heartbeats are comment
+/// lines, none followed by a blank line (a blank line dispatches an empty
+/// event in parsers such as fetch-event-source and httpx-sse), and a
+/// heartbeat comes on every tick, busy or idle (paused time).
+#[tokio::test(start_paused = true)]
+async fn heartbeats_and_retry_dispatch_nothing_and_come_every_tick_on_both_paths() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::time::{Duration, sleep};
+    let beat = Duration::from_secs(2);
+    let mut c = config();
+    c.heartbeat = beat;
+    let hub = TestHub::with(c).await;
+    for hyper in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        if hyper {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            read_until(&mut s, "\"ok\"").await;
+        }
+        s.write_all(b"GET /channel/beats HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = read_until(&mut s, "retry: 2000\n").await;
+        // Three ticks idle, then events between the next ticks.
+        for _ in 0..3 {
+            raw.push_str(&read_until(&mut s, ": ping\n").await);
+        }
+        for k in 0..3 {
+            hub.publish("beats", &format!("busy {k}")).await;
+            raw.push_str(&read_until(&mut s, &format!("data: busy {k}\n\n")).await);
+            sleep(beat).await;
+            raw.push_str(&read_until(&mut s, ": ping\n").await);
+        }
+        let body = dechunk(&raw);
+        assert!(body.starts_with("retry: 2000\n"), "{body:?}");
+        assert_eq!(
+            body.matches(": ping\n").count(),
+            6,
+            "hyper={hyper}: {body:?}"
+        );
+        // Every blank line ends an event with data.
+        for (at, _) in body.match_indices("\n\n") {
+            let line = body[..at].rsplit('\n').next().unwrap_or_default();
+            assert!(
+                line.starts_with("data"),
+                "hyper={hyper}: a blank line after {line:?} in {body:?}"
+            );
+        }
+    }
 }

@@ -18,7 +18,10 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A config for tests: loopback, port 0.
 pub fn config() -> Config {
-    Config::defaults("127.0.0.1:0".parse().unwrap())
+    let mut c = Config::defaults("127.0.0.1:0".parse().unwrap());
+    // Tests that stop a hub stop it at once (the drain has its own test).
+    c.drain_delay = Duration::ZERO;
+    c
 }
 
 /// A running hub; dropping it shuts it down.
@@ -396,7 +399,7 @@ pub async fn stalled_subscriber(addr: SocketAddr, path: &str) -> TcpStream {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    read_until(&mut s, "retry: 2000\n\n").await;
+    read_until(&mut s, "retry: 2000\n").await;
     s
 }
 
