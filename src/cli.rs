@@ -578,6 +578,31 @@ fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// The channel and data text of an `envelope=json` event (data
+/// `{"channel":C,"data":D}`; D's text as published, a string's as is). A
+/// reset carries `{"channel","reason"}` and is shown whole.
+fn unwrap_envelope(event: &str, data: &str) -> (Option<String>, String) {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        channel: String,
+        #[serde(borrow)]
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    let Ok(env) = serde_json::from_str::<Envelope<'_>>(data) else {
+        return (None, data.to_owned());
+    };
+    if event == "herald.reset" {
+        return (Some(env.channel), data.to_owned());
+    }
+    let text = match env.data {
+        None => String::new(),
+        Some(raw) => {
+            serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned())
+        }
+    };
+    (Some(env.channel), text)
+}
+
 /// `herald subscribe`: follows the stream, reconnecting with backoff and
 /// resuming from the last id it printed.
 pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
@@ -587,8 +612,10 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| format!("stream={}", urlencode(c)))
         .collect();
-    let url = format!("{base}/events?{}", query.join("&"));
-    let single = (args.channels.len() == 1).then(|| args.channels[0].clone());
+    // With --json every line names its channel: the stream's envelope
+    // says which channel each event came from.
+    let envelope = if args.json { "&envelope=json" } else { "" };
+    let url = format!("{base}/events?{}{envelope}", query.join("&"));
     let client = http_client()?;
     let mut last_id = args.last_event_id.clone();
     let mut retry = Duration::from_secs(2);
@@ -614,11 +641,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     }
                     let mut out = stdout.lock();
                     if args.json {
-                        let mut line =
-                            serde_json::json!({"id": ev.id, "event": ev.event, "data": ev.data});
-                        if let Some(c) = &single {
-                            line["channel"] = c.clone().into();
-                        }
+                        let (channel, data) = unwrap_envelope(&ev.event, &ev.data);
+                        let line = serde_json::json!({"id": ev.id, "event": ev.event, "channel": channel, "data": data});
                         writeln!(out, "{line}")?;
                     } else if ev.event == "herald.reset" {
                         eprintln!("herald: reset: {}", ev.data);

@@ -28,6 +28,7 @@ pub(super) struct Subscribe {
     client: Option<ClientId>,
     resume: Resume,
     origin: Option<String>,
+    format: sse::Format,
 }
 
 /// Parses a complete HTTP/1.1 `GET` head and hands its path, query and
@@ -108,11 +109,14 @@ fn parse_subscribe(
         _ => return None,
     };
     let resume = sse::resume(last_event_id, query);
+    // A bad envelope= is hyper's to answer (400).
+    let format = sse::Format::from_query(query).ok()?;
     Some(Subscribe {
         channels,
         client,
         resume,
         origin,
+        format,
     })
 }
 
@@ -136,6 +140,7 @@ pub(super) async fn serve(
     sub: Subscribe,
     session: Session,
 ) {
+    let format = sub.format;
     let mut first = response_head(&state, &sub, &session.client);
     let prelude = sse::prelude(&state);
     first.extend_from_slice(&chunk_head(prelude.len()));
@@ -170,7 +175,7 @@ pub(super) async fn serve(
                 return;
             }
             batch = outbox.next_batch() => match batch {
-                Batch::Items(items) => sse::encode(items),
+                Batch::Items(items) => sse::encode(items, format),
                 Batch::Closed(_) => return,
             },
             r = ticks.changed() => match r {

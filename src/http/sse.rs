@@ -36,7 +36,8 @@ pub(super) async fn channel(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let channels = channel_list(std::iter::once(channel.as_str()))?;
-    open(&state, channels, None, &headers, query.as_deref())
+    let format = Format::from_query(query.as_deref())?;
+    open(&state, channels, None, &headers, query.as_deref(), format)
 }
 
 pub(super) async fn channel_client(
@@ -47,7 +48,15 @@ pub(super) async fn channel_client(
 ) -> Result<Response, ApiError> {
     let channels = channel_list(std::iter::once(channel.as_str()))?;
     let client = ClientId::parse(&client).map_err(ApiError::bad_request)?;
-    open(&state, channels, Some(client), &headers, query.as_deref())
+    let format = Format::from_query(query.as_deref())?;
+    open(
+        &state,
+        channels,
+        Some(client),
+        &headers,
+        query.as_deref(),
+        format,
+    )
 }
 
 pub(super) async fn events(
@@ -66,7 +75,8 @@ pub(super) async fn events(
             "a stream name is required as part of the query parameters",
         ));
     }
-    open(&state, channels, None, &headers, query.as_deref())
+    let format = Format::from_query(query.as_deref())?;
+    open(&state, channels, None, &headers, query.as_deref(), format)
 }
 
 /// `Last-Event-ID` header, else the `lastEventId` query parameter.
@@ -140,6 +150,7 @@ fn open(
     client: Option<ClientId>,
     headers: &HeaderMap,
     query: Option<&str>,
+    format: Format,
 ) -> Result<Response, ApiError> {
     let session = register(state, &channels, client, &resume_from(headers, query))?;
     let client = session.client.clone();
@@ -150,6 +161,7 @@ fn open(
         _guard: session.guard,
         shutdown: state.shutdown.clone(),
         ticks: state.ticker(),
+        format,
     };
     let body = Body::from_stream(futures_util::stream::unfold(conn, Conn::next));
     let mut resp = Response::new(body);
@@ -176,6 +188,7 @@ struct Conn {
     shutdown: CancellationToken,
     /// The shared heartbeat (no timer per stream).
     ticks: tokio::sync::watch::Receiver<u64>,
+    format: Format,
 }
 
 impl Conn {
@@ -189,7 +202,7 @@ impl Conn {
             biased;
             () = self.shutdown.cancelled() => return None,
             batch = self.outbox.next_batch() => match batch {
-                Batch::Items(items) => encode(items),
+                Batch::Items(items) => encode(items, self.format),
                 Batch::Closed(_) => return None,
             },
             r = self.ticks.changed() => match r {
@@ -201,10 +214,41 @@ impl Conn {
     }
 }
 
+/// How a stream frames its events' data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Format {
+    /// The data as published.
+    #[default]
+    Plain,
+    /// `{"channel":C,"data":D}` (`envelope=json`): the channel of each event
+    /// of a multi-channel stream, readable by a plain `EventSource`.
+    Envelope,
+}
+
+impl Format {
+    /// Reads `envelope=` from a query: absent is plain, `json` the
+    /// envelope, anything else an error.
+    pub(super) fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
+        match query_pairs(query)
+            .into_iter()
+            .find(|(k, _)| k == "envelope")
+            .map(|(_, v)| v)
+            .as_deref()
+        {
+            None => Ok(Self::Plain),
+            Some("json") => Ok(Self::Envelope),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "envelope: expected json (envelope=json), got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// The SSE frames of a batch, written together.
-pub(super) fn encode(items: VecDeque<Item>) -> Bytes {
-    super::join(items.iter().map(|item| match item {
-        Item::Event(e) => e.sse().clone(),
-        Item::Reset(r) => r.sse(),
+pub(super) fn encode(items: VecDeque<Item>, format: Format) -> Bytes {
+    super::join(items.iter().map(|item| match (item, format) {
+        (Item::Event(e), Format::Plain) => e.sse().clone(),
+        (Item::Event(e), Format::Envelope) => e.sse_envelope().clone(),
+        (Item::Reset(r), _) => r.sse(),
     }))
 }

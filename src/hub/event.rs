@@ -70,6 +70,7 @@ pub struct Event {
     /// positions follow). Writers merge replays and live events by it.
     pub order: u64,
     sse: OnceLock<Bytes>,
+    sse_envelope: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
     ws_frame: OnceLock<Bytes>,
 }
@@ -97,6 +98,7 @@ impl Event {
             retain: false,
             order: id.as_u64(),
             sse: OnceLock::new(),
+            sse_envelope: OnceLock::new(),
             ws: OnceLock::new(),
             ws_frame: OnceLock::new(),
         }
@@ -123,6 +125,32 @@ impl Event {
                 self.name.as_ref().map(EventName::as_str),
                 self.retry,
                 self.data.as_text(),
+            )
+        })
+    }
+
+    /// The SSE frame of a multi-channel stream that asked for an envelope
+    /// (`envelope=json`), encoded once: the same `id:` and `event:`, and
+    /// data `{"channel":C,"data":D}` (D as the WebSocket carries it: JSON
+    /// as published, text as a JSON string), so a plain `EventSource` can
+    /// tell the channel of each event.
+    pub fn sse_envelope(&self) -> &Bytes {
+        self.sse_envelope.get_or_init(|| {
+            let mut data = Vec::with_capacity(self.data.len() + 32);
+            data.extend_from_slice(b"{\"channel\":");
+            push_json_str(&mut data, self.channel.as_str());
+            data.extend_from_slice(b",\"data\":");
+            match &self.data {
+                Data::Text(s) => push_json_str(&mut data, s),
+                Data::Json(raw) => data.extend_from_slice(raw.as_bytes()),
+            }
+            data.push(b'}');
+            // JSON text holds no raw line break: one data line.
+            sse_frame(
+                Some(&self.wire_id()),
+                self.name.as_ref().map(EventName::as_str),
+                self.retry,
+                &String::from_utf8_lossy(&data),
             )
         })
     }

@@ -408,3 +408,46 @@ async fn spa_reloaders_environment_starts_a_compatible_server() {
     assert_eq!(v["current_image"]["name"], "docker.io/library/spa:1.0");
     assert_eq!(v["current_image"]["sha256"], fake.digest("spa:1.0"));
 }
+
+#[tokio::test]
+async fn subscribe_json_names_the_channel_of_every_event_of_several() {
+    let hub = TestHub::spawn().await;
+    let mut child = Command::new(BIN)
+        .args(["subscribe", "--json", "--url", &hub.url(""), "a", "b"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    eventually(|| async { hub.status().await["channels"]["b"]["subscribers"] == 1 }).await;
+    hub.publish("a", "text on a").await;
+    // Raw text: serde_json's own maps would sort the keys.
+    let v: serde_json::Value = hub
+        .http
+        .post(hub.url("/channel/b?event=named"))
+        .header("content-type", "application/json")
+        .body(r#"{"data": {"z": 1, "a": [2]}}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut got = vec![];
+    for _ in 0..2 {
+        let l = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a line");
+        got.push(serde_json::from_str::<serde_json::Value>(&l).unwrap());
+    }
+    assert_eq!(got[0]["channel"], "a");
+    assert_eq!(got[0]["data"], "text on a");
+    assert_eq!(got[1]["channel"], "b");
+    assert_eq!(got[1]["event"], "named");
+    assert_eq!(got[1]["id"], v["id"]);
+    // JSON data as published (the publisher's key order).
+    assert_eq!(got[1]["data"], r#"{"z":1,"a":[2]}"#);
+}

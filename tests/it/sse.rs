@@ -589,3 +589,48 @@ async fn heartbeats_and_retry_dispatch_nothing_and_come_every_tick_on_both_paths
         }
     }
 }
+
+/// `envelope=json` on a multi-channel stream: each event's data says its
+/// channel (`{"channel":C,"data":D}`, D as published: JSON as JSON, text as
+/// a string), `id:` and `event:` unchanged; a bad value is a 400.
+#[tokio::test]
+async fn the_json_envelope_names_the_channel_of_each_event() {
+    let hub = TestHub::spawn().await;
+    let mut sub = hub.sse("/events?stream=a&stream=b&envelope=json").await;
+    let id = hub.publish("a", "line one\nline two").await;
+    let (_, v) = hub
+        .publish_json(
+            "/channel/b",
+            serde_json::json!({"data": {"n": 1}, "event": "named"}),
+        )
+        .await;
+    let ev = sub.next().await;
+    assert_eq!(
+        (ev.id.as_str(), ev.event.as_str()),
+        (id.as_str(), "message")
+    );
+    let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"channel": "a", "data": "line one\nline two"})
+    );
+    let ev = sub.next().await;
+    assert_eq!(
+        (ev.id.as_str(), ev.event.as_str()),
+        (v["id"].as_str().unwrap(), "named")
+    );
+    let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(data, serde_json::json!({"channel": "b", "data": {"n": 1}}));
+    // The plain stream is unchanged.
+    let mut plain = hub.sse("/events?stream=a&stream=b").await;
+    hub.publish("a", "plain").await;
+    assert_eq!(plain.next().await.data, "plain");
+    let r = hub
+        .http
+        .get(hub.url("/events?stream=a&envelope=xml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("envelope=json"));
+}
