@@ -187,7 +187,7 @@ impl App {
         // The one token every task ends on, cancelled the drain delay after
         // `draining` (or when the caller drops out).
         let shutdown = CancellationToken::new();
-        let delay = config.drain_delay;
+        let delay = config.drain();
         tasks.spawn({
             let (draining, shutdown) = (draining.clone(), shutdown.clone());
             async move {

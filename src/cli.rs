@@ -104,7 +104,7 @@ pub struct ServeArgs {
     /// Time to finish after SIGTERM or SIGINT.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]
     pub shutdown_grace: Duration,
-    /// After SIGTERM: keep the listener open this long (/readyz 503, new subscriptions refused, open streams flowing) before ending streams; 0 = at once.
+    /// After SIGTERM: keep the listener open this long (/readyz 503, new subscriptions refused, open streams flowing) before ending streams; 0 = at once; at most half of --shutdown-grace.
     #[arg(long, env = "HERALD_DRAIN_DELAY", default_value = "5s", value_parser = config::parse_duration)]
     pub drain_delay: Duration,
     /// A write blocked this long drops the connection.

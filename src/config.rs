@@ -164,7 +164,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// After SIGTERM/SIGINT: how long the listener stays open, `/readyz`
     /// answering 503 and new subscriptions refused while open streams keep
-    /// flowing, before the streams end (0 = at once).
+    /// flowing, before the streams end (0 = at once). At most half of
+    /// `shutdown_grace` is used ([`Config::drain`]).
     pub drain_delay: Duration,
     /// A write blocked this long drops the connection.
     pub write_timeout: Duration,
@@ -179,6 +180,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// The drain delay in effect: `drain_delay`, but at most half of the
+    /// grace period, so that streams always have time to end within it
+    /// (`--shutdown-grace 2s` alone keeps working).
+    pub fn drain(&self) -> Duration {
+        self.drain_delay.min(self.shutdown_grace / 2)
+    }
+
     /// The `herald serve` defaults, listening on `listen`.
     pub fn defaults(listen: SocketAddr) -> Self {
         Self {
@@ -225,15 +233,6 @@ impl Config {
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(ConfigError::Zero { flag });
-        }
-        if !self.drain_delay.is_zero() && self.drain_delay >= self.shutdown_grace {
-            return Err(ConfigError::Invalid {
-                flag: "--drain-delay",
-                message: format!(
-                    "must be shorter than --shutdown-grace ({:?}), which bounds the whole shutdown; e.g. --drain-delay 5s --shutdown-grace 15s",
-                    self.shutdown_grace
-                ),
-            });
         }
         if self.max_queued_bytes < self.max_message_bytes {
             return Err(ConfigError::Invalid {
@@ -357,6 +356,16 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_delay_leaves_half_the_grace_to_end_streams() {
+        let mut c = Config::defaults("127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.drain(), DEFAULT_DRAIN_DELAY);
+        c.shutdown_grace = Duration::from_secs(2);
+        assert_eq!(c.drain(), Duration::from_secs(1));
+        c.drain_delay = Duration::ZERO;
+        assert_eq!(c.drain(), Duration::ZERO);
+    }
 
     #[test]
     fn sizes_parse_with_binary_and_decimal_units() {

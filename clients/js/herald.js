@@ -101,6 +101,8 @@ export function connect(options) {
   };
   const query = (name) => {
     const q = [...channels].map((c) => name + '=' + enc(c));
+    // SSE: each event's data says its channel ({"channel","data"}).
+    if (name === 'stream') q.push('envelope=json');
     if (lastId) q.push('lastEventId=' + enc(lastId));
     return q.length ? '?' + q.join('&') : '';
   };
@@ -108,12 +110,16 @@ export function connect(options) {
     s.addEventListener(name, (e) => {
       if (sock !== s) return;
       const reset = name === PREFIX + 'reset';
+      const env = parse(e.data);
+      // The envelope (a reset carries its channel as it is).
+      const wrapped = !reset && env && typeof env === 'object' && 'channel' in env;
+      const text = wrapped ? (typeof env.data === 'string' ? env.data : JSON.stringify(env.data)) : e.data;
       deliver({
         id: reset ? '' : e.lastEventId,
         event: name,
-        channel: channels.size === 1 ? [...channels][0] : undefined,
-        data: parse(e.data),
-        text: e.data,
+        channel: env && env.channel,
+        data: wrapped ? parse(text) : env,
+        text,
       });
     });
   const named = () => [...handlers.keys()].filter((n) => n !== '*' && n !== 'message' && !n.startsWith(PREFIX));

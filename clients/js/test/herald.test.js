@@ -222,11 +222,11 @@ test('SSE: EventSource on /events, named listeners, resume on reconnect and on a
   const resets = [];
   c.on('herald.reset', (e) => resets.push(e.data.channel));
   const s = ES.all[0];
-  assert.equal(s.url, 'http://h/events?stream=a');
+  assert.equal(s.url, 'http://h/events?stream=a&envelope=json');
   s.open();
   assert.equal(c.state, 'open');
-  s.emit('message', 'hello', '0000000000000001');
-  s.emit('version', '{"v":2}', '0000000000000002');
+  s.emit('message', '{"channel":"a","data":"hello"}', '0000000000000001');
+  s.emit('version', '{"channel":"a","data":{"v":2}}', '0000000000000002');
   s.emit('herald.reset', '{"channel":"a","reason":"r"}');
   assert.deepEqual(got, [
     ['message', 'a', 'hello'],
@@ -238,10 +238,14 @@ test('SSE: EventSource on /events, named listeners, resume on reconnect and on a
   assert.ok(s.closed);
   mock.timers.tick(10);
   assert.equal(ES.live().length, 1);
-  assert.equal(ES.live()[0].url, 'http://h/events?stream=a&lastEventId=0000000000000002');
+  assert.equal(ES.live()[0].url, 'http://h/events?stream=a&envelope=json&lastEventId=0000000000000002');
   c.subscribe('b');
   assert.equal(ES.live().length, 1);
-  assert.equal(ES.live()[0].url, 'http://h/events?stream=a&stream=b&lastEventId=0000000000000002');
+  assert.equal(ES.live()[0].url, 'http://h/events?stream=a&stream=b&envelope=json&lastEventId=0000000000000002');
+  // Several channels: each event says its own.
+  ES.live()[0].open();
+  ES.live()[0].emit('message', '{"channel":"b","data":"from b"}', '0000000000000003');
+  assert.deepEqual(got.at(-1), ['message', 'b', 'from b']);
   c.close();
   assert.equal(ES.live().length, 0);
 });
