@@ -88,7 +88,7 @@ pub struct ServeArgs {
     )]
     pub publish_token: Option<String>,
     /// Allow publishing without a token from any address (default: loopback only).
-    #[arg(long, env = "HERALD_ALLOW_ANONYMOUS_PUBLISH")]
+    #[arg(long, env = "HERALD_ALLOW_ANONYMOUS_PUBLISH", action = clap::ArgAction::SetTrue, value_parser = config::parse_bool)]
     pub allow_anonymous_publish: bool,
     /// Allow these browser origins (comma-separated; `*` for any).
     #[arg(
@@ -99,7 +99,7 @@ pub struct ServeArgs {
     )]
     pub cors_origin: Vec<String>,
     /// Compatibility: `true` allows any origin (sse-cluster).
-    #[arg(long, env = "HTTP_SERVER_ENABLE_CORS", hide = true)]
+    #[arg(long, env = "HTTP_SERVER_ENABLE_CORS", hide = true, action = clap::ArgAction::SetTrue, value_parser = config::parse_bool)]
     pub http_server_enable_cors: bool,
     /// Time to finish after SIGTERM or SIGINT.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]

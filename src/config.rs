@@ -323,6 +323,16 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|| "herald".to_owned())
 }
 
+/// Parses a boolean environment value: `1/0`, `true/false`, `yes/no`
+/// (any case).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err(format!("expected 1/0, true/false or yes/no, got {s:?}")),
+    }
+}
+
 /// Parses a duration such as `10s`, `5m`, `250ms` or `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())

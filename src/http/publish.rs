@@ -269,12 +269,14 @@ impl Query {
                     })?);
                 }
                 "retain" => {
+                    // Exactly these: a typo must not publish a retained
+                    // value (or fail to) silently.
                     out.retain = Some(match v.as_str() {
-                        "" | "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
+                        "true" | "1" => true,
+                        "false" | "0" => false,
                         _ => {
                             return Err(ApiError::bad_request(format!(
-                                "invalid query parameter retain={v:?}: true or false expected"
+                                "invalid query parameter retain={v:?}: expected true or false (or 1 or 0)"
                             )));
                         }
                     });

@@ -451,3 +451,51 @@ async fn subscribe_json_names_the_channel_of_every_event_of_several() {
     // JSON data as published (the publisher's key order).
     assert_eq!(got[1]["data"], r#"{"z":1,"a":[2]}"#);
 }
+
+/// Boolean environment variables, the compatibility ones too, take
+/// 1/0, true/false and yes/no; anything else fails naming the flag and the
+/// forms.
+#[tokio::test]
+async fn boolean_environment_values_take_every_usual_form() {
+    for (value, on) in [
+        ("1", true),
+        ("yes", true),
+        ("TRUE", true),
+        ("0", false),
+        ("no", false),
+        ("false", false),
+    ] {
+        let port = free_port();
+        let _child = serve(
+            &[("HTTP_SERVER_ENABLE_CORS", value.into())],
+            &["--listen", &format!("127.0.0.1:{port}")],
+            port,
+        )
+        .await;
+        let r = crate::support::http()
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .header("origin", "https://x.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers().contains_key("access-control-allow-origin"),
+            on,
+            "HTTP_SERVER_ENABLE_CORS={value}"
+        );
+    }
+    for var in ["HTTP_SERVER_ENABLE_CORS", "HERALD_ALLOW_ANONYMOUS_PUBLISH"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env(var, "maybe")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("expected 1/0, true/false or yes/no"),
+            "{var}: {err}"
+        );
+    }
+}

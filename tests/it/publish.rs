@@ -114,6 +114,20 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_published() {
             "text/plain",
             b"x".to_vec(),
             400,
+            "expected true or false (or 1 or 0)",
+        ),
+        (
+            "/channel/c?retain=",
+            "text/plain",
+            b"x".to_vec(),
+            400,
+            "retain",
+        ),
+        (
+            "/channel/c?retain=yes",
+            "text/plain",
+            b"x".to_vec(),
+            400,
             "retain",
         ),
         (
