@@ -53,7 +53,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Public listener address [default: 0.0.0.0:8080, or 0.0.0.0:$HTTP_SERVER_PORT].
-    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR", value_parser = config::parse_addr)]
     pub listen: Option<SocketAddr>,
     /// Compatibility: the port of the public listener (sse-cluster).
     #[arg(long, env = "HTTP_SERVER_PORT", hide = true)]
@@ -62,24 +62,24 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// Interval of SSE heartbeat comments and WebSocket pings.
-    #[arg(long, env = "HERALD_HEARTBEAT", default_value = "15s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_HEARTBEAT", default_value = "15s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub heartbeat: Duration,
     /// Reconnection delay announced at the start of every SSE stream.
-    #[arg(long, env = "HERALD_SSE_RETRY", default_value = "2s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_SSE_RETRY", default_value = "2s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub sse_retry: Duration,
     /// Events kept per channel for resume (0 keeps none).
-    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = config::DEFAULT_HISTORY_SIZE)]
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = config::DEFAULT_HISTORY_SIZE, value_name = "N")]
     pub history_size: usize,
     /// How long an event stays in history.
-    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "10m", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "10m", value_name = "DURATION", value_parser = config::parse_duration)]
     pub history_ttl: Duration,
     /// Largest publish body.
-    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value = "64KiB", value_parser = config::parse_size)]
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value = "64KiB", value_name = "SIZE", value_parser = config::parse_size)]
     pub max_message_bytes: usize,
     /// Bytes a connection may fall behind before it is closed as too slow.
-    #[arg(long, env = "HERALD_MAX_QUEUED_BYTES", default_value = "1MiB", value_parser = config::parse_size)]
+    #[arg(long, env = "HERALD_MAX_QUEUED_BYTES", default_value = "1MiB", value_name = "SIZE", value_parser = config::parse_size)]
     pub max_queued_bytes: usize,
-    /// Require `Authorization: Bearer TOKEN` to publish.
+    /// Require `Authorization: Bearer TOKEN` to publish. [default: none]
     #[arg(
         long,
         env = "HERALD_PUBLISH_TOKEN",
@@ -90,7 +90,7 @@ pub struct ServeArgs {
     /// Allow publishing without a token from any address (default: loopback only).
     #[arg(long, env = "HERALD_ALLOW_ANONYMOUS_PUBLISH", action = clap::ArgAction::SetTrue, value_parser = config::parse_bool)]
     pub allow_anonymous_publish: bool,
-    /// Allow these browser origins (comma-separated; `*` for any).
+    /// Allow these browser origins (comma-separated; `*` for any). [default: none]
     #[arg(
         long,
         env = "HERALD_CORS_ORIGIN",
@@ -102,22 +102,22 @@ pub struct ServeArgs {
     #[arg(long, env = "HTTP_SERVER_ENABLE_CORS", hide = true, action = clap::ArgAction::SetTrue, value_parser = config::parse_bool)]
     pub http_server_enable_cors: bool,
     /// Time to finish after SIGTERM or SIGINT.
-    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub shutdown_grace: Duration,
     /// After SIGTERM: keep the listener open this long (/readyz 503, new subscriptions refused, open streams flowing) before ending streams; 0 = at once; at most half of --shutdown-grace.
-    #[arg(long, env = "HERALD_DRAIN_DELAY", default_value = "5s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_DRAIN_DELAY", default_value = "5s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub drain_delay: Duration,
     /// A write blocked this long drops the connection.
-    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub write_timeout: Duration,
     /// A new connection must send its first request head within this.
-    #[arg(long, env = "HERALD_HEAD_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_HEAD_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub head_timeout: Duration,
     /// A kept-alive connection must send its next request head within this (the idle timeout).
-    #[arg(long, env = "HERALD_KEEP_ALIVE_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_KEEP_ALIVE_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub keep_alive_timeout: Duration,
     /// A request body must arrive within this.
-    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub body_timeout: Duration,
     /// Connections still sending their first request head; more are closed at once.
     #[arg(long, env = "HERALD_MAX_HANDSHAKES", value_name = "N", default_value_t = config::DEFAULT_MAX_HANDSHAKES)]
@@ -131,13 +131,13 @@ pub struct ServeArgs {
     /// Kubeconfig file [default: the in-cluster service account, then KUBECONFIG, then ~/.kube/config].
     #[arg(long, env = "HERALD_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<std::path::PathBuf>,
-    /// Announce new versions of this Deployment to `k8s.deployment:NAMESPACE:NAME` (repeatable).
+    /// Announce new versions of this Deployment to `k8s.deployment:NAMESPACE:NAME` (repeatable). [default: none]
     #[arg(long, env = "HERALD_WATCH_DEPLOYMENT", value_name = "NAMESPACE/NAME", value_delimiter = ',', value_parser = k8s::Deployments::parse_named)]
     pub watch_deployment: Vec<k8s::Deployments>,
-    /// Announce new versions of every Deployment of a namespace (repeatable).
+    /// Announce new versions of every Deployment of a namespace (repeatable). [default: none]
     #[arg(long, env = "HERALD_WATCH_DEPLOYMENTS", value_name = "NAMESPACE", value_delimiter = ',', value_parser = k8s::Deployments::parse_all)]
     pub watch_deployments: Vec<k8s::Deployments>,
-    /// Announce new versions of the Deployments a label selector matches (repeatable).
+    /// Announce new versions of the Deployments a label selector matches (repeatable). [default: none]
     #[arg(long, env = "HERALD_WATCH_SELECTOR", value_name = "NAMESPACE/SELECTOR", value_parser = k8s::Deployments::parse_selected)]
     pub watch_selector: Vec<k8s::Deployments>,
     /// When a new version is live: the rollout is complete, or the first new pod is Ready.
@@ -149,13 +149,13 @@ pub struct ServeArgs {
     )]
     pub announce_on: AnnounceOnArg,
     /// Re-evaluate watched Deployments this often even without a change [default: 30s, or $SPA_RESYNC_SEC seconds].
-    #[arg(long, env = "HERALD_RESYNC", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_RESYNC", value_name = "DURATION", value_parser = config::parse_duration)]
     pub resync: Option<Duration>,
-    /// Stream the Events of this namespace to `k8s.events:NAMESPACE` (repeatable; `*` = all).
+    /// Stream the Events of this namespace to `k8s.events:NAMESPACE` (repeatable; `*` = all). [default: none]
     #[arg(long, env = "HERALD_WATCH_EVENTS", value_name = "NAMESPACE", value_delimiter = ',', value_parser = k8s::EventScope::parse)]
     pub watch_events: Vec<k8s::EventScope>,
-    /// Also serve spa-reloader's WebSocket here: every path, one JSON version per frame.
-    #[arg(long, env = "HERALD_SPA_COMPAT_LISTEN", value_name = "ADDR")]
+    /// Also serve spa-reloader's WebSocket here: every path, one JSON version per frame. [default: none]
+    #[arg(long, env = "HERALD_SPA_COMPAT_LISTEN", value_name = "ADDR", value_parser = config::parse_addr)]
     pub spa_compat_listen: Option<SocketAddr>,
     /// Compatibility (spa-reloader): the namespace watched [default: default].
     #[arg(long, env = "SPA_NAMESPACE", hide = true)]
@@ -169,7 +169,7 @@ pub struct ServeArgs {
     /// Share channels with peers: none, static, dns, kubernetes, gossip (a mesh), or through redis or nats.
     #[arg(long, env = "HERALD_CLUSTER", value_name = "MODE", default_value = "none", value_parser = cluster::Mode::parse)]
     pub cluster: cluster::Mode,
-    /// Static peers: internal listeners as host:port (comma-separated).
+    /// Static peers: internal listeners as host:port (comma-separated). [default: none]
     #[arg(
         long,
         env = "HERALD_PEERS",
@@ -177,16 +177,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub peers: Vec<String>,
-    /// A DNS name listing the peers (a headless Service), with or without :PORT.
+    /// A DNS name listing the peers (a headless Service), with or without :PORT. [default: none]
     #[arg(long, env = "HERALD_PEERS_DNS", value_name = "NAME")]
     pub peers_dns: Option<String>,
     /// How often --peers-dns is re-resolved.
-    #[arg(long, env = "HERALD_PEERS_DNS_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_PEERS_DNS_INTERVAL", default_value = "10s", value_name = "DURATION", value_parser = config::parse_duration)]
     pub peers_dns_interval: Duration,
     /// The internal listener for peer traffic [default: 0.0.0.0:7000 when clustering].
-    #[arg(long, env = "HERALD_INTERNAL_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "HERALD_INTERNAL_LISTEN", value_name = "ADDR", value_parser = config::parse_addr)]
     pub internal_listen: Option<SocketAddr>,
-    /// Shared secret of peer traffic (required unless --internal-listen is loopback).
+    /// Shared secret of peer traffic (required unless --internal-listen is loopback). [default: none]
     #[arg(
         long,
         env = "HERALD_CLUSTER_SECRET",
@@ -195,21 +195,21 @@ pub struct ServeArgs {
     )]
     pub cluster_secret: Option<String>,
     /// Timeout of a peer or backplane request, of silence on a peer's stream, and of a publish's confirmation by the backplane [default: 10s, or $HTTP_CLIENT_TIMEOUT].
-    #[arg(long, env = "HERALD_PEER_TIMEOUT", value_parser = config::parse_duration)]
+    #[arg(long, env = "HERALD_PEER_TIMEOUT", value_name = "DURATION", value_parser = config::parse_duration)]
     pub peer_timeout: Option<Duration>,
-    /// Kubernetes mode: the Service whose EndpointSlices list the peers.
+    /// Kubernetes mode: the Service whose EndpointSlices list the peers. [default: none]
     #[arg(long, env = "HERALD_KUBE_SERVICE", value_name = "NAME")]
     pub kube_service: Option<String>,
-    /// Kubernetes mode: a label selector of the peer pods.
+    /// Kubernetes mode: a label selector of the peer pods. [default: none]
     #[arg(long, env = "HERALD_KUBE_SELECTOR", value_name = "SELECTOR")]
     pub kube_selector: Option<String>,
     /// Kubernetes mode: the namespace [default: the pod's own, else the kubeconfig's].
     #[arg(long, env = "HERALD_KUBE_NAMESPACE", value_name = "NAMESPACE")]
     pub kube_namespace: Option<String>,
     /// Gossip mode: the UDP listener for membership [default: 0.0.0.0:7946, or 0.0.0.0:$GOSSIP_PORT].
-    #[arg(long, env = "HERALD_GOSSIP_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "HERALD_GOSSIP_LISTEN", value_name = "ADDR", value_parser = config::parse_addr)]
     pub gossip_listen: Option<SocketAddr>,
-    /// Gossip mode: seeds to join through, host[:port] (comma-separated).
+    /// Gossip mode: seeds to join through, host[:port] (comma-separated). [default: none]
     #[arg(
         long,
         env = "HERALD_GOSSIP_SEEDS",
@@ -217,7 +217,7 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub gossip_seeds: Vec<String>,
-    /// Gossip mode: the secret that authenticates and encrypts gossip (16+ characters).
+    /// Gossip mode: the secret that authenticates and encrypts gossip (16+ characters). [default: none]
     #[arg(
         long,
         env = "HERALD_GOSSIP_SECRET",
@@ -225,10 +225,10 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub gossip_secret: Option<String>,
-    /// The IP peers reach this node on, when it listens on all interfaces (gossip mode).
+    /// The IP peers reach this node on, when it listens on all interfaces (gossip mode). [default: none]
     #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "IP")]
     pub advertise_addr: Option<std::net::IpAddr>,
-    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
+    /// Redis mode: the server, redis://[:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS. [default: none]
     #[arg(
         long,
         env = "HERALD_REDIS_URL",
@@ -236,7 +236,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
-    /// NATS mode: the server(s), nats://[USER:PASSWORD@]HOST:PORT, comma-separated; JetStream must be enabled.
+    /// NATS mode: the server(s), nats://[USER:PASSWORD@]HOST:PORT, comma-separated; JetStream must be enabled. [default: none]
     #[arg(
         long,
         env = "HERALD_NATS_URL",
@@ -260,7 +260,7 @@ pub struct ServeArgs {
     #[arg(long, env = "GOSSIP_SECRET_KEY", hide = true, hide_env_values = true)]
     pub gossip_secret_key: Option<String>,
     /// Compatibility (sse-cluster): the node-to-node timeout.
-    #[arg(long, env = "HTTP_CLIENT_TIMEOUT", hide = true, value_parser = config::parse_duration)]
+    #[arg(long, env = "HTTP_CLIENT_TIMEOUT", hide = true, value_name = "DURATION", value_parser = config::parse_duration)]
     pub http_client_timeout: Option<Duration>,
     /// Compatibility (spa-reloader): port of the WebSocket listener (all interfaces).
     #[arg(long, env = "SPA_WEBSOCKET_PORT", hide = true)]

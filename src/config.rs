@@ -323,6 +323,14 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|| "herald".to_owned())
 }
 
+/// Parses a socket address (`HOST:PORT` with an IP host), with an error
+/// that shows the form.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("expected IP:PORT, e.g. 0.0.0.0:8080 or [::]:8080, got {s:?}"))
+}
+
 /// Parses a boolean environment value: `1/0`, `true/false`, `yes/no`
 /// (any case).
 pub fn parse_bool(s: &str) -> Result<bool, String> {

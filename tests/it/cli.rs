@@ -499,3 +499,44 @@ async fn boolean_environment_values_take_every_usual_form() {
         );
     }
 }
+
+/// `--help` shows the kind of every value and every default; a malformed
+/// address names the flag and the form.
+#[tokio::test]
+async fn help_shows_placeholders_and_defaults_and_errors_show_the_form() {
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "--listen <ADDR>",
+        "--heartbeat <DURATION>",
+        "--max-message-bytes <SIZE>",
+        "--history-size <N>",
+        "[default: 15s]",
+        "[default: 64KiB]",
+        "--drain-delay <DURATION>",
+        "[default: none]",
+    ] {
+        assert!(help.contains(want), "{want} missing from --help");
+    }
+    for (flag, value, form) in [
+        ("--listen", "8080", "expected IP:PORT, e.g. 0.0.0.0:8080"),
+        ("--internal-listen", "localhost", "expected IP:PORT"),
+        ("--history-ttl", "forever", "write a duration such as 10s"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", flag, value])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains(form),
+            "{flag} {value}: {err}"
+        );
+    }
+}
