@@ -513,6 +513,14 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             std::io::stdin()
                 .read_to_string(&mut s)
                 .context("reading DATA from standard input")?;
+            // `echo hello | herald publish c` publishes "hello": one
+            // trailing line break (what echo and editors add) is dropped.
+            if s.ends_with('\n') {
+                s.pop();
+                if s.ends_with('\r') {
+                    s.pop();
+                }
+            }
             s
         }
     };
@@ -520,22 +528,26 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let channel = urlencode(&args.channel);
     let client = http_client()?;
     let req = if args.json {
-        let value: serde_json::Value =
+        // As written: parsing into a Value would sort the keys.
+        let raw: &serde_json::value::RawValue =
             serde_json::from_str(&data).context("DATA is not valid JSON (--json)")?;
-        let mut body = serde_json::json!({ "data": value });
-        if let Some(e) = &args.event {
-            body["event"] = e.clone().into();
-        }
-        if let Some(k) = &args.id {
-            body["id"] = k.clone().into();
+        let mut body = format!("{{\"data\":{}", raw.get());
+        for (field, value) in [("event", &args.event), ("id", &args.id)] {
+            if let Some(v) = value {
+                body.push_str(&format!(
+                    ",\"{field}\":{}",
+                    serde_json::Value::from(v.as_str())
+                ));
+            }
         }
         if args.retain {
-            body["retain"] = true.into();
+            body.push_str(",\"retain\":true");
         }
+        body.push('}');
         client
             .post(format!("{base}/channel/{channel}"))
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(body)
     } else {
         let mut query = vec![];
         if let Some(e) = &args.event {
@@ -571,6 +583,11 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let v: serde_json::Value = resp.json().await.context("reading the hub's answer")?;
     let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
     println!("{id}");
+    if v.get("duplicate").and_then(serde_json::Value::as_bool) == Some(true) {
+        eprintln!(
+            "herald: a duplicate of an event already published with this --id; nothing was delivered again"
+        );
+    }
     Ok(())
 }
 

@@ -271,6 +271,45 @@ async fn publish_prints_the_id_and_reads_stdin() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid channel name"));
+    // From standard input, one trailing line break is dropped (only one).
+    for (input, want) in [
+        ("echoed\n", "echoed"),
+        ("crlf\r\n", "crlf"),
+        ("two\n\n", "two\n"),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["publish", "--url", &hub.url(""), "c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        assert!(child.wait_with_output().await.unwrap().status.success());
+        assert_eq!(sub.next_data().await, want, "{input:?}");
+    }
+    // --json keeps the publisher's key order; a duplicate --id says so.
+    for round in 0..2 {
+        let out = Command::new(BIN)
+            .args([
+                "publish",
+                "--url",
+                &hub.url(""),
+                "--json",
+                "--id",
+                "k1",
+                "c",
+                r#"{"z": 1, "a": 2}"#,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains("duplicate"), round == 1, "{err}");
+    }
+    assert_eq!(sub.next_data().await, r#"{"z":1,"a":2}"#);
 }
 
 #[tokio::test]
