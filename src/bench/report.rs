@@ -310,19 +310,35 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
 /// Reads every `*.json` report in `dir`, writes `results.md` and
 /// `latency.svg` there, and returns the Markdown.
 pub fn summarize(dir: &Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
     let mut reports = vec![];
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the results directory {}", dir.display()))?
         .flatten()
         .map(|e| e.path())
         .collect();
     entries.sort();
+    let mut skipped = vec![];
     for path in entries {
         if path.extension().is_some_and(|e| e == "json") {
-            let text = std::fs::read_to_string(&path)?;
-            if let Ok(r) = serde_json::from_str::<Report>(&text) {
-                reports.push(r);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            match serde_json::from_str::<Report>(&text) {
+                Ok(r) => reports.push(r),
+                Err(_) => skipped.push(path.display().to_string()),
             }
         }
+    }
+    if reports.is_empty() {
+        anyhow::bail!(
+            "no herald bench report (*.json written by `herald bench --out`) in {}{}",
+            dir.display(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; not reports: {}", skipped.join(", "))
+            }
+        );
     }
     let md = markdown(&reports);
     std::fs::write(dir.join("results.md"), &md)?;
@@ -333,6 +349,21 @@ pub fn summarize(dir: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_or_empty_directory_is_an_error_that_names_it() {
+        let missing = Path::new("/nonexistent/herald-bench-results");
+        let e = summarize(missing).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/herald-bench-results"), "{e}");
+        let empty = std::env::temp_dir().join(format!("herald-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).unwrap();
+        let e = summarize(&empty).unwrap_err().to_string();
+        assert!(
+            e.contains("no herald bench report") && e.contains(&*empty.to_string_lossy()),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&empty).unwrap();
+    }
 
     fn report(label: &str, p99: f64, transport: Transport) -> Report {
         Report {
