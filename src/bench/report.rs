@@ -183,7 +183,7 @@ pub fn markdown(reports: &[Report]) -> String {
         for r in &rs {
             let _ = writeln!(
                 out,
-                "| {} | {}/{} | {:.2} | {}/{} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {} |",
+                "| {} | {}/{} | {:.2} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.label,
                 r.connected,
                 r.subscribers,
@@ -196,9 +196,12 @@ pub fn markdown(reports: &[Report]) -> String {
                 opt(r.p90_ms, 1),
                 opt(r.p99_ms, 1),
                 opt(r.max_ms, 1),
-                r.cpu_seconds,
-                r.rss_peak_bytes as f64 / (1024.0 * 1024.0),
-                opt(r.rss_per_connection_bytes, 0),
+                measured(r, format!("{:.2}", r.cpu_seconds)),
+                measured(
+                    r,
+                    format!("{:.1}", r.rss_peak_bytes as f64 / (1024.0 * 1024.0))
+                ),
+                measured(r, opt(r.rss_per_connection_bytes, 0)),
             );
         }
         let ratios = ratios(&rs);
@@ -232,7 +235,8 @@ fn ratios(rs: &[&Report]) -> Vec<String> {
             };
             ratio("p99", h.p99_ms, p.p99_ms);
             ratio("max", h.max_ms, p.max_ms);
-            ratio("CPU", Some(h.cpu_seconds), Some(p.cpu_seconds));
+            let cpu = |r: &Report| (r.pids_measured > 0).then_some(r.cpu_seconds);
+            ratio("CPU", cpu(h), cpu(p));
             ratio(
                 "RSS/conn",
                 h.rss_per_connection_bytes,
@@ -307,6 +311,16 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A process figure, or "not measured" when no `--pid` was given (a 0
+/// there would read as "free").
+fn measured(r: &Report, figure: String) -> String {
+    if r.pids_measured == 0 {
+        "not measured".to_owned()
+    } else {
+        figure
+    }
+}
+
 /// Reads every `*.json` report in `dir`, writes `results.md` and
 /// `latency.svg` there, and returns the Markdown.
 pub fn summarize(dir: &Path) -> anyhow::Result<String> {
@@ -349,6 +363,14 @@ pub fn summarize(dir: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn figures_without_a_pid_say_not_measured() {
+        let mut r = report("herald", 1.0, Transport::Sse);
+        r.pids_measured = 0;
+        let md = markdown(&[r]);
+        assert_eq!(md.matches("not measured").count(), 3, "{md}");
+    }
 
     #[test]
     fn a_missing_or_empty_directory_is_an_error_that_names_it() {
