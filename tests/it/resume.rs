@@ -4,7 +4,7 @@
 //! every event once (SSE and WebSocket; the cluster checks are in
 //! `cluster.rs` and `backplane.rs`).
 
-use crate::support::{TestHub, Ws, read_until};
+use crate::support::{TestHub, Ws, get_on, read_until};
 
 /// Publishes a0 b0 c0 a1 ... on three channels; returns (data, id) in
 /// publish order.
@@ -143,24 +143,6 @@ async fn live_multi_channel_delivery_is_in_id_order_under_concurrent_publishers(
     }
 }
 
-/// Sends `GET path` with `extra` headers on a raw socket: as the first
-/// request of a connection (served directly) or after a kept-alive
-/// `/healthz` (served by hyper). Returns the socket, response pending.
-async fn get_on(hub: &TestHub, hyper: bool, path: &str, extra: &str) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    if hyper {
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut s, "\"ok\"").await;
-    }
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
-        .await
-        .unwrap();
-    s
-}
-
 const WS_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
 
 /// One rule on both paths, SSE and WebSocket: a repeated `Last-Event-ID`
@@ -181,7 +163,7 @@ async fn repeated_and_empty_resume_headers_follow_one_rule_on_every_path() {
                     "Origin",
                 ),
             ] {
-                let mut s = get_on(&hub, hyper, path, &format!("{upgrade}{twice}")).await;
+                let mut s = get_on(hub.addr, hyper, path, &format!("{upgrade}{twice}")).await;
                 let got = read_until(&mut s, "send it once").await;
                 assert!(got.starts_with("HTTP/1.1 400"), "{what}: {got}");
                 assert!(
@@ -191,7 +173,7 @@ async fn repeated_and_empty_resume_headers_follow_one_rule_on_every_path() {
             }
             let query = if path.contains('?') { "&" } else { "?" };
             let mut s = get_on(
-                &hub,
+                hub.addr,
                 hyper,
                 &format!("{path}{query}lastEventId={first}"),
                 &format!("{upgrade}Last-Event-ID:\r\n"),

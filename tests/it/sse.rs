@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{TestHub, config, raw_get, read_until};
+use crate::support::{TestHub, config, get_on, raw_get, read_until};
 
 #[tokio::test]
 async fn headers_and_retry_arrive_before_any_event() {
@@ -497,7 +497,6 @@ async fn a_client_that_never_sends_a_request_is_dropped_at_shutdown() {
 /// paused time), not on a timer counted from the stream's last write.
 #[tokio::test(start_paused = true)]
 async fn a_hyper_stream_heartbeats_on_the_shared_ticker() {
-    use tokio::io::AsyncWriteExt;
     use tokio::time::{Duration, Instant, sleep};
     let start = Instant::now();
     let beat = Duration::from_secs(2);
@@ -505,14 +504,7 @@ async fn a_hyper_stream_heartbeats_on_the_shared_ticker() {
     c.heartbeat = beat;
     let hub = TestHub::with(c).await;
     sleep(beat - Duration::from_millis(300)).await;
-    let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut s, "\"ok\"").await;
-    s.write_all(b"GET /channel/beat HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = get_on(hub.addr, true, "/channel/beat", "").await;
     read_until(&mut s, "retry:").await;
     read_until(&mut s, ":").await;
     let at = start.elapsed().as_millis() % beat.as_millis();
@@ -544,23 +536,13 @@ fn dechunk(raw: &str) -> String {
 /// heartbeat comes on every tick, busy or idle (paused time).
 #[tokio::test(start_paused = true)]
 async fn heartbeats_and_retry_dispatch_nothing_and_come_every_tick_on_both_paths() {
-    use tokio::io::AsyncWriteExt;
     use tokio::time::{Duration, sleep};
     let beat = Duration::from_secs(2);
     let mut c = config();
     c.heartbeat = beat;
     let hub = TestHub::with(c).await;
     for hyper in [false, true] {
-        let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-        if hyper {
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            read_until(&mut s, "\"ok\"").await;
-        }
-        s.write_all(b"GET /channel/beats HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = get_on(hub.addr, hyper, "/channel/beats", "").await;
         let mut raw = read_until(&mut s, "retry: 2000\n").await;
         // Three ticks idle, then events between the next ticks.
         for _ in 0..3 {

@@ -319,8 +319,22 @@ pub async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
 
 /// Sends a raw HTTP/1.1 GET and returns the socket.
 pub async fn raw_get(addr: SocketAddr, path: &str, extra: &str) -> TcpStream {
+    get_on(addr, false, path, extra).await
+}
+
+/// Sends `GET path` with `extra` headers on a raw socket: as the first
+/// request of a connection (served directly) or, if `hyper`, after a
+/// kept-alive `/healthz` (so hyper serves it). Returns the socket, the
+/// response pending.
+pub async fn get_on(addr: SocketAddr, hyper: bool, path: &str, extra: &str) -> TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut s = TcpStream::connect(addr).await.unwrap();
+    if hyper {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut s, "\"ok\"}").await;
+    }
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
         .await
         .unwrap();
@@ -445,25 +459,13 @@ impl RawWs {
         path: &str,
         extra: &str,
     ) -> Result<Self, String> {
-        use tokio::io::AsyncWriteExt;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        if hyper {
-            stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            read_until(&mut stream, "\"ok\"}").await;
-        }
         let headers = match extra.strip_prefix('!') {
             Some(own) => own.to_owned(),
             None => format!(
                 "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}"
             ),
         };
-        stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
-            .await
-            .unwrap();
+        let stream = get_on(addr, hyper, path, &headers).await;
         let mut ws = Self {
             stream,
             buf: vec![],
